@@ -1,0 +1,79 @@
+"""Models, checkpoints and training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainfluence.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from trainfluence.data import DataConfig, load_dataset
+from trainfluence.errors import UserError
+from trainfluence.models import MODELS, build_model, count_parameters
+from trainfluence.train import TrainConfig, evaluate, train
+
+
+def test_default_cnn_size_and_models_build():
+    assert 40_000 <= count_parameters(build_model("cnn", 5, 3, 32)) <= 60_000
+    for arch in MODELS:
+        for c, s in ((1, 28), (3, 32)):
+            model = build_model(arch, 7, c, s).eval()
+            assert model(torch.zeros(2, c, s, s)).shape == (2, 7)
+
+
+def test_user_factory_module_callable():
+    model = build_model("torch.nn:Identity", 3, 3, 32)  # any importable callable returning a Module
+    assert isinstance(model, torch.nn.Identity)
+    with pytest.raises(UserError, match="cannot load model factory"):
+        build_model("no_such_module:f", 3, 3, 32)
+
+
+def test_training_reaches_90_percent_on_shapes(shapes_run):
+    result = shapes_run["result"]
+    assert result["test_accuracy"] >= 0.90
+    assert len(result["epochs"]) == 5
+    metrics = json.loads((shapes_run["out"] / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == result["test_accuracy"]
+    for e in range(1, 6):
+        assert (shapes_run["out"] / f"epoch-{e}.pt").is_file()
+
+
+def test_checkpoint_round_trip_identical_outputs(shapes_run):
+    ckpt = load_checkpoint(shapes_run["checkpoint"])
+    assert ckpt.meta.arch == "cnn" and ckpt.meta.epoch == 5 and ckpt.meta.weight_decay == 5e-4
+    assert ckpt.meta.classes == shapes_run["train"].classes
+    assert ckpt.meta.data_config == shapes_run["train"].config
+    x, _ = shapes_run["test"].tensors(slice(0, 64))
+    again = load_checkpoint(shapes_run["checkpoint"])
+    with torch.no_grad():
+        assert torch.equal(ckpt.model(x), again.model(x))
+    # the re-loaded model has the recorded accuracy
+    assert evaluate(ckpt.model, shapes_run["test"])["accuracy"] == pytest.approx(ckpt.meta.metrics["test_accuracy"])
+
+
+def test_training_deterministic_under_seed(tmp_path):
+    cfg = DataConfig(train_size=256, test_size=64)
+    tr, te = load_dataset(cfg, "train"), load_dataset(cfg, "test")
+    a = train(TrainConfig(epochs=1, seed=3), tr, te, tmp_path / "a", progress=False)
+    b = train(TrainConfig(epochs=1, seed=3), tr, te, tmp_path / "b", progress=False)
+    c = train(TrainConfig(epochs=1, seed=4), tr, te, tmp_path / "c", progress=False)
+    sa, sb, sc = (load_checkpoint(tmp_path / d / "final.pt") for d in "abc")
+    assert sa.content_hash == sb.content_hash != sc.content_hash
+    assert a["train_accuracy"] == b["train_accuracy"]
+
+
+def test_checkpoint_for_other_architecture_or_classes(tmp_path, shapes_run):
+    ckpt = load_checkpoint(shapes_run["checkpoint"])
+    wrong = build_model("logreg", 5, 3, 32)
+    path = save_checkpoint(tmp_path / "wrong.pt", wrong, ckpt.meta)  # cnn metadata, logreg weights
+    with pytest.raises(UserError, match="does not fit architecture 'cnn'"):
+        load_checkpoint(path)
+    mnist_like = load_dataset(DataConfig(train_size=10, test_size=10, image_size=28), "train")
+    with pytest.raises(UserError, match="expects 3x32x32"):
+        check_compatible(ckpt.meta, mnist_like)
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")

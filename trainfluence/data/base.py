@@ -1,0 +1,134 @@
+"""The dataset object every stage consumes, and the settings that rebuild it.
+
+An :class:`ImageDataset` keeps its images as a compact uint8 tensor ``[n, C, H, W]`` in memory and returns
+``(image_tensor, label)`` items in the torchvision convention: float, ``(x/255 − mean)/std`` per channel.
+It also exposes the underlying index of each item in its source, the class names, the normalisation, the
+ground-truth boxes and object masks (shapes only) and the planted label-noise record (training split only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..settings import to_dict
+
+
+@dataclass
+class DataConfig:
+    """How to rebuild a dataset; saved in checkpoints and beside every result."""
+
+    spec: str = "shapes"  # shapes | mnist | fashion-mnist | cifar10 | folder:PATH
+    data_root: str = "data"  # where torchvision datasets live (MNIST files under DATA_ROOT/MNIST/raw)
+    download: bool = False  # let torchvision download missing files (opt-in)
+    image_size: int | None = None  # shapes: generated size (default 32); folder: resize to this (default 32)
+    train_size: int | None = None  # shapes: number generated (default 6000); others: keep the first N
+    test_size: int | None = None  # shapes: number generated (default 1200); others: keep the first N
+    seed: int = 0  # shapes generator seed
+    label_noise: float = 0.0  # fraction of training labels flipped (exactly round(rate * n))
+    noise_seed: int = 0
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the content (where files live and whether to download do not)."""
+        d = to_dict(self)
+        d.pop("data_root")
+        d.pop("download")
+        return d
+
+
+@dataclass
+class NoiseRecord:
+    """Planted label noise: which training labels were flipped, from what, to what."""
+
+    rate: float
+    seed: int
+    indices: list[int]  # positions in the dataset, sorted
+    original_labels: list[int]
+    noisy_labels: list[int]
+
+
+@dataclass(eq=False)
+class ImageDataset(Dataset):
+    images: torch.Tensor  # uint8 [n, C, H, W]
+    labels: torch.Tensor  # int64 [n] (noisy where noise was planted)
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    config: DataConfig
+    split: str  # "train" | "test"
+    index: np.ndarray  # position of each item in its source dataset
+    boxes: torch.Tensor | None = None  # int64 [n, 4] (x0, y0, x1, y1) inclusive, where known
+    masks: torch.Tensor | None = None  # bool [n, H, W] object pixels, where known (shapes)
+    noise: NoiseRecord | None = None
+    clean_labels: torch.Tensor | None = None  # labels before noise, where noise was planted
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.normalize(self.images[i]), int(self.labels[i])
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """torchvision's name for the labels."""
+        return self.labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=like.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=like.device).view(shape)
+        return mean, std
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (any leading shape) → normalised float images."""
+        mean, std = self._stats(pixels)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images → floats in [0, 1] for display."""
+        mean, std = self._stats(x)
+        return (x * std + mean).clamp(0, 1)
+
+    def tensors(
+        self, indices: np.ndarray | list[int] | slice | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch ``(x, y)``: normalised float images and labels, for the given positions (all by default)."""
+        sel = slice(None) if indices is None else indices
+        if not isinstance(sel, slice):
+            sel = torch.as_tensor(np.asarray(sel), dtype=torch.long)
+        x = self.normalize(self.images[sel].to(device))
+        return x, self.labels[sel].to(device)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the content-deciding settings, split, pixels and labels (noise included)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(repr(sorted(self.config.identity().items())).encode())
+            h.update(self.split.encode())
+            h.update(self.images.contiguous().numpy().tobytes())
+            h.update(self.labels.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def describe(self) -> str:
+        c, h, w = self.image_shape
+        noise = f", {len(self.noise.indices)} labels flipped" if self.noise else ""
+        return f"{self.config.spec} {self.split}: {len(self)} images {c}x{h}x{w}, {self.num_classes} classes{noise}"
