@@ -13,8 +13,9 @@ def enabled() -> bool:
 
 
 def bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
-    """A tqdm bar that respects ``TRAINFLUENCE_PROGRESS`` (checked at call time) and clears itself when done."""
-    kwargs.setdefault("disable", not enabled())
+    """A tqdm bar that respects ``TRAINFLUENCE_PROGRESS`` (checked at call time) and clears itself when done.
+    ``disable=True`` from the caller still disables it."""
+    kwargs["disable"] = bool(kwargs.get("disable", False)) or not enabled()
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

@@ -110,7 +110,7 @@ def train(
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
         lrs = []
-        pbar = bar(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", **({} if progress else {"disable": True}))
+        pbar = bar(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress)
         for b in pbar:
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             lr = _lr_at(cfg, step, total)

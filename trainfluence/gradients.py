@@ -1,0 +1,97 @@
+"""Per-example loss gradients with ``torch.func``: ``vmap`` over ``grad`` of one example's loss.
+
+For a batch of examples zᵢ = (xᵢ, yᵢ) the result is the matrix with rows gᵢ = ∇_θ ℓ(zᵢ, θ̂) over the selected
+parameters (the unregularised per-example loss; the weight-decay term belongs to the objective, not to the
+examples), together with each example's loss, logits and predicted class.  The model runs in eval mode, so
+BatchNorm uses its running statistics and every row equals what a per-example autograd loop gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import grad, vmap
+
+from .objective import FunctionalModel, Objective, Params
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for one vmap batch
+
+
+@dataclass
+class ExampleGradients:
+    grads: Params  # name → [B, *param_shape]
+    loss: torch.Tensor  # [B]
+    logits: torch.Tensor  # [B, K]
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.logits.argmax(dim=-1)
+
+
+def per_example_fn(fm: FunctionalModel, objective: Objective) -> Callable[[Params, torch.Tensor, torch.Tensor], tuple]:
+    """θ, x[B], y[B] → (per-example gradient dict, (loss[B], logits[B, K]))."""
+
+    def one(params: Params, x: torch.Tensor, y: torch.Tensor):
+        out = objective.outputs(lambda inp: fm(params, inp), x.unsqueeze(0))
+        loss = objective.loss(out, y.unsqueeze(0)).squeeze(0)
+        return loss, (loss.detach(), out.squeeze(0).detach())
+
+    return vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))
+
+
+def activation_numel(fm: FunctionalModel, example: torch.Tensor) -> int:
+    """Number of activation values one example produces (summed over modules), from one forward pass."""
+    total = 0
+
+    def hook(_m, _inp, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in fm.module.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            fm(fm.params, example.unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def vmap_batch_size(fm: FunctionalModel, example: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Examples per vmap call so that gradients (×2 for the copies vmap makes) and activations (×4 for
+    forward, backward and saved intermediates) of one call fit in ``memory_budget`` bytes."""
+    per_example = 4 * (2 * fm.dim + 4 * activation_numel(fm, example))
+    return max(1, int(memory_budget // per_example))
+
+
+class GradientComputer:
+    """Per-example gradients of ``objective`` for ``fm``'s selected parameters, in memory-bounded vmap batches."""
+
+    def __init__(self, fm: FunctionalModel, objective: Objective, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        self.fm, self.objective, self.memory_budget = fm, objective, memory_budget
+        self._fn = per_example_fn(fm, objective)
+        self._batch: int | None = None
+
+    def batch_size(self, example: torch.Tensor) -> int:
+        if self._batch is None:
+            self._batch = vmap_batch_size(self.fm, example, self.memory_budget)
+        return self._batch
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> ExampleGradients:
+        """Gradients for one vmap batch (the caller keeps ``len(x)`` within :meth:`batch_size`)."""
+        x, y = x.to(self.fm.device), y.to(self.fm.device)
+        grads, (loss, logits) = self._fn(self.fm.params, x, y)
+        return ExampleGradients(grads, loss, logits)
+
+    def batches(self, x: torch.Tensor, y: torch.Tensor):
+        """Yield :class:`ExampleGradients` for consecutive memory-bounded slices of ``(x, y)``."""
+        step = self.batch_size(x[0])
+        for start in range(0, len(x), step):
+            yield self(x[start : start + step], y[start : start + step])
+
+    def flat(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """All gradients of ``(x, y)`` as one flat matrix [B, p] (for small batches and tests)."""
+        return torch.cat([self.fm.flatten(b.grads) for b in self.batches(x, y)])

@@ -1,0 +1,106 @@
+"""faiss top-k over a gradient store: the training rows with the largest and the smallest inner product with
+query vectors — the primitive behind helpful/harmful ranking (influence = −⟨s_test, gᵢ⟩, so the largest inner
+products are the most helpful training examples and the smallest the most harmful).
+
+``flat`` (default) is exact (``IndexFlatIP``); ``ivf`` clusters the rows into ``nlist`` cells and searches
+``nprobe`` of them (``IndexIVFFlat``, inner-product metric) — approximate, for large n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import UserError
+from .progress import bar
+from .store import GradientStore
+
+
+@dataclass
+class SearchSettings:
+    kind: str = "flat"  # flat | ivf
+    nlist: int | None = None  # ivf cells (default ≈ 4·√n)
+    nprobe: int = 16  # ivf cells searched per query
+
+
+@dataclass
+class TopK:
+    """Per query: indices and inner products of the k largest and the k smallest."""
+
+    largest_index: np.ndarray  # [m, k]
+    largest_score: np.ndarray  # [m, k] ⟨q, gᵢ⟩, descending
+    smallest_index: np.ndarray  # [m, k]
+    smallest_score: np.ndarray  # [m, k] ⟨q, gᵢ⟩, ascending
+
+
+class GradientIndex:
+    """A faiss index over every row of a complete store (gradients with their per-row scale applied)."""
+
+    def __init__(self, store: GradientStore, settings: SearchSettings | None = None):
+        store.require_complete()
+        self.store, self.settings = store, settings or SearchSettings()
+        if self.settings.kind not in ("flat", "ivf"):
+            raise UserError(f"unknown index kind {self.settings.kind!r}: use flat or ivf")
+        self.index = self._load_or_build()
+
+    def _path(self) -> Path:
+        s = self.settings
+        name = "flat" if s.kind == "flat" else f"ivf{self._nlist()}"
+        return self.store.root / f"index-{name}-{self.store.content_id()}.faiss"
+
+    def _nlist(self) -> int:
+        return self.settings.nlist or max(1, min(self.store.n // 39, int(4 * np.sqrt(self.store.n))))
+
+    def _load_or_build(self) -> faiss.Index:
+        path = self._path()
+        if path.is_file():  # the name carries the store's content id: a rebuilt chunk gives a new index
+            index = faiss.read_index(str(path))
+            if index.ntotal == self.store.n and index.d == self.store.dim:
+                return self._configure(index)
+        d = self.store.dim
+        if self.settings.kind == "flat":
+            index: faiss.Index = faiss.IndexFlatIP(d)
+        else:
+            quantizer = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFFlat(quantizer, d, self._nlist(), faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(0)
+            sample = np.sort(rng.choice(self.store.n, size=min(self.store.n, 256 * self._nlist()), replace=False))
+            index.train(np.ascontiguousarray(self.store.read(sample)))
+        for _, block in bar(list(self.store.iter_blocks()), desc="faiss index", unit="block"):
+            index.add(np.ascontiguousarray(block))
+        tmp = path.with_suffix(".tmp")
+        faiss.write_index(index, str(tmp))
+        tmp.replace(path)
+        return self._configure(index)
+
+    def _configure(self, index: faiss.Index) -> faiss.Index:
+        if self.settings.kind == "ivf":
+            faiss.extract_index_ivf(index).nprobe = self.settings.nprobe
+        return index
+
+    def search(self, queries: np.ndarray, k: int) -> TopK:
+        """Top-k largest and smallest ⟨q, gᵢ⟩ for each row q of ``queries`` [m, d]."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.store.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the store {self.store.dim}")
+        k = min(k, self.store.n)
+        big_s, big_i = self.index.search(q, k)
+        small_s, small_i = self.index.search(-q, k)
+        return TopK(big_i, big_s, small_i, -small_s)
+
+
+def brute_force_top_k(matrix: np.ndarray, queries: np.ndarray, k: int) -> TopK:
+    """numpy reference: the same result as :meth:`GradientIndex.search` by a full matrix product."""
+    scores = np.atleast_2d(queries) @ matrix.T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    big = order[:, :k]
+    small = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    return TopK(big, np.take_along_axis(scores, big, 1), small, np.take_along_axis(scores, small, 1))
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact top-k indices found by the approximate search."""
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact)]))
