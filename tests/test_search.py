@@ -36,6 +36,17 @@ def test_flat_index_equals_brute_force(store):
     assert np.array_equal(again.largest_index, got.largest_index)
 
 
+def test_fp16_index_close_to_exact(store):
+    matrix = store.read()
+    queries = matrix[10:15]
+    want = brute_force_top_k(matrix, queries, 10)
+    got = GradientIndex(store, SearchSettings("fp16")).search(queries, 10)
+    scale = np.abs(want.largest_score).max()
+    np.testing.assert_allclose(got.largest_score, want.largest_score, atol=2e-3 * scale)
+    np.testing.assert_allclose(got.smallest_score, want.smallest_score, atol=2e-3 * scale)
+    assert recall_at_k(got.largest_index, want.largest_index) >= 0.9
+
+
 def test_ivf_recall(store):
     matrix = store.read()
     queries = matrix[:20]

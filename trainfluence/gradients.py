@@ -60,11 +60,17 @@ def activation_numel(fm: FunctionalModel, example: torch.Tensor) -> int:
     return total
 
 
+# Above this many examples per vmap call CPU throughput drops (cache effects; measured in BENCHMARKS.md);
+# GPUs keep gaining up to much larger batches.
+MAX_VMAP_BATCH = {"cpu": 64, "cuda": 2048}
+
+
 def vmap_batch_size(fm: FunctionalModel, example: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
     """Examples per vmap call so that gradients (×2 for the copies vmap makes) and activations (×4 for
-    forward, backward and saved intermediates) of one call fit in ``memory_budget`` bytes."""
+    forward, backward and saved intermediates) of one call fit in ``memory_budget`` bytes, capped per device."""
     per_example = 4 * (2 * fm.dim + 4 * activation_numel(fm, example))
-    return max(1, int(memory_budget // per_example))
+    cap = MAX_VMAP_BATCH.get(fm.device.type, 1024)
+    return max(1, min(cap, int(memory_budget // per_example)))
 
 
 class GradientComputer:

@@ -1,15 +1,20 @@
-"""Progress bars (tqdm, on stderr).  Set ``TRAINFLUENCE_PROGRESS=0`` to silence them."""
+"""Progress bars (tqdm, on stderr): shown when stderr is a terminal.  ``TRAINFLUENCE_PROGRESS=1`` forces
+them on (e.g. into a log file), ``TRAINFLUENCE_PROGRESS=0`` off."""
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterable
 
 from tqdm import tqdm
 
 
 def enabled() -> bool:
-    return os.environ.get("TRAINFLUENCE_PROGRESS", "1") != "0"
+    setting = os.environ.get("TRAINFLUENCE_PROGRESS")
+    if setting is not None:
+        return setting != "0"
+    return sys.stderr.isatty()
 
 
 def bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:

@@ -25,7 +25,7 @@ import torch
 from .errors import UserError
 
 KINDS = ("countsketch", "gaussian")
-_DENSE_CACHE_LIMIT = 512 << 20  # bytes of dense Gaussian blocks kept in memory
+_DENSE_CACHE_LIMIT = 1 << 30  # bytes of dense Gaussian blocks kept in memory
 
 
 @dataclass(frozen=True)

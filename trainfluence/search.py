@@ -2,8 +2,11 @@
 query vectors — the primitive behind helpful/harmful ranking (influence = −⟨s_test, gᵢ⟩, so the largest inner
 products are the most helpful training examples and the smallest the most harmful).
 
-``flat`` (default) is exact (``IndexFlatIP``); ``ivf`` clusters the rows into ``nlist`` cells and searches
-``nprobe`` of them (``IndexIVFFlat``, inner-product metric) — approximate, for large n.
+``flat`` (default) is exact (``IndexFlatIP``, float32); ``fp16`` is exhaustive over fp16 copies of the rows
+(``IndexScalarQuantizer``, half the memory and about twice as fast for a single query; exact up to fp16
+rounding, which is what an fp16 store holds anyway); ``ivf`` clusters the rows into ``nlist`` cells and
+searches ``nprobe`` of them (``IndexIVFFlat``) — approximate, for large n (its recall on gradients is reported
+in BENCHMARKS.md).  Both lists of a query come from one faiss call over ``[q; −q]``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .store import GradientStore
 
 @dataclass
 class SearchSettings:
-    kind: str = "flat"  # flat | ivf
+    kind: str = "flat"  # flat | fp16 | ivf
     nlist: int | None = None  # ivf cells (default ≈ 4·√n)
     nprobe: int = 16  # ivf cells searched per query
 
@@ -42,13 +45,13 @@ class GradientIndex:
     def __init__(self, store: GradientStore, settings: SearchSettings | None = None):
         store.require_complete()
         self.store, self.settings = store, settings or SearchSettings()
-        if self.settings.kind not in ("flat", "ivf"):
-            raise UserError(f"unknown index kind {self.settings.kind!r}: use flat or ivf")
+        if self.settings.kind not in ("flat", "fp16", "ivf"):
+            raise UserError(f"unknown index kind {self.settings.kind!r}: use flat, fp16 or ivf")
         self.index = self._load_or_build()
 
     def _path(self) -> Path:
         s = self.settings
-        name = "flat" if s.kind == "flat" else f"ivf{self._nlist()}"
+        name = f"ivf{self._nlist()}" if s.kind == "ivf" else s.kind
         return self.store.root / f"index-{name}-{self.store.content_id()}.faiss"
 
     def _nlist(self) -> int:
@@ -63,6 +66,8 @@ class GradientIndex:
         d = self.store.dim
         if self.settings.kind == "flat":
             index: faiss.Index = faiss.IndexFlatIP(d)
+        elif self.settings.kind == "fp16":
+            index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
         else:
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, self._nlist(), faiss.METRIC_INNER_PRODUCT)
@@ -87,9 +92,9 @@ class GradientIndex:
         if q.shape[1] != self.store.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the store {self.store.dim}")
         k = min(k, self.store.n)
-        big_s, big_i = self.index.search(q, k)
-        small_s, small_i = self.index.search(-q, k)
-        return TopK(big_i, big_s, small_i, -small_s)
+        scores, index = self.index.search(np.concatenate([q, -q]), k)
+        m = len(q)
+        return TopK(index[:m], scores[:m], index[m:], -scores[m:])
 
 
 def brute_force_top_k(matrix: np.ndarray, queries: np.ndarray, k: int) -> TopK:
