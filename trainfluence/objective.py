@@ -101,7 +101,13 @@ class FunctionalModel:
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
     def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and x.dtype != self.dtype:
+            x = x.to(self.dtype)  # e.g. float32 images into a float64 model
         return functional_call(self.module, {**self.fixed, **params}, (x,), strict=False)
 
     def flatten(self, params: Params) -> torch.Tensor:

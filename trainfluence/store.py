@@ -37,7 +37,7 @@ from .errors import UserError
 from .gradients import DEFAULT_MEMORY_BUDGET, GradientComputer
 from .objective import FunctionalModel, Objective
 from .progress import bar
-from .projection import ProjectionSpec, Projector
+from .projection import ProjectionSpec, Projector, allocate
 from .settings import read_json, sha256_bytes, stable_hash, to_dict, write_json
 
 FORMAT = "trainfluence-gradient-store-1"
@@ -52,6 +52,7 @@ class StoreSettings:
     project_dim: int | None = None  # k; None stores full gradients
     project_seed: int = 0
     projection: str = "countsketch"  # countsketch (O(p)) | gaussian (dense, for comparison)
+    projection_allocation: str = "energy"  # energy (k_b ∝ E‖g_b‖², small blocks exact) | uniform
     dtype: str | None = None  # fp16 | fp32; default fp16 when projected, fp32 otherwise
     chunk_size: int = 1024  # rows per completion record
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes for one vmap batch
@@ -62,7 +63,9 @@ class StoreSettings:
 
     @property
     def projection_spec(self) -> ProjectionSpec | None:
-        return ProjectionSpec(self.project_dim, self.project_seed, self.projection) if self.project_dim else None
+        if not self.project_dim:
+            return None
+        return ProjectionSpec(self.project_dim, self.project_seed, self.projection, self.projection_allocation)
 
     def validate(self) -> None:
         if self.resolved_dtype not in ("fp16", "fp32"):
@@ -140,6 +143,11 @@ class GradientStore:
     @property
     def param_names(self) -> list[str]:
         return self.key["params"]
+
+    def projector(self, sizes: list[int], device: torch.device | str = "cpu") -> Projector | None:
+        """The projection the store was built with (None for full gradients), for projecting other vectors."""
+        spec = self.projection
+        return Projector(spec, sizes, device, self.manifest.get("block_dims")) if spec else None
 
     # ---- completion records -------------------------------------------------------------------------------
     def _record_path(self, c: int) -> Path:
@@ -232,13 +240,18 @@ def store_key(model: nn.Module, source: ExampleSource, objective: Objective, fm:
     }
 
 
-def open_store(cache_dir: str | Path, key: dict[str, Any], settings: StoreSettings, dim: int, vmap_batch: int) -> GradientStore:
+def store_root(cache_dir: str | Path, key: dict[str, Any]) -> Path:
+    return Path(cache_dir) / f"grads-{stable_hash(key)}"
+
+
+def open_store(cache_dir: str | Path, key: dict[str, Any], settings: StoreSettings, dim: int, vmap_batch: int,
+               block_dims: list[int] | None = None) -> GradientStore:
     """Open the store for ``key``, creating its manifest and files if needed (safe under concurrent shards)."""
-    root = Path(cache_dir) / f"grads-{stable_hash(key)}"
+    root = store_root(cache_dir, key)
     (root / "chunks").mkdir(parents=True, exist_ok=True)
     n = key["n"]
     manifest = {"key": key, "settings": to_dict(settings), "n": n, "dim": dim, "vmap_batch": vmap_batch,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "block_dims": block_dims, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _create_exclusive(root / "manifest.json", lambda tmp: write_json(tmp, manifest))
     existing = read_json(root / "manifest.json")
     if existing.get("key") != to_dict(key) or existing.get("dim") != dim:
@@ -261,6 +274,24 @@ def open_store(cache_dir: str | Path, key: dict[str, Any], settings: StoreSettin
                 record.unlink()
         _create_exclusive(path, lambda tmp, s=shape, d=dt: np.lib.format.open_memmap(tmp, mode="w+", dtype=d, shape=s).flush())
     return GradientStore(root)
+
+
+PILOT_EXAMPLES = 256
+
+
+def projection_layout(spec: ProjectionSpec, fm: FunctionalModel, computer: GradientComputer,
+                      source: ExampleSource) -> list[int] | None:
+    """Per-block output dimensions of the projection (None for the ``uniform`` global sketch).
+
+    ``energy``: block energies E‖g_b‖² from the gradients of the first ``PILOT_EXAMPLES`` training examples."""
+    if spec.allocation == "uniform":
+        return None
+    x, y = source.tensors(slice(0, min(len(source), PILOT_EXAMPLES)))
+    energy = torch.zeros(len(fm.names), dtype=torch.float64)
+    with torch.no_grad():
+        for eg in computer.batches(x, y):
+            energy += torch.stack([eg.grads[n].double().flatten(1).pow(2).sum() for n in fm.names]).cpu()
+    return allocate(spec.dim, fm.sizes, (energy / len(y)).tolist())
 
 
 @dataclass
@@ -301,9 +332,17 @@ def build_store(
     x0, _ = source.tensors([0])
     spec = settings.projection_spec
     key = store_key(model, source, objective, fm, settings, split)
-    store = open_store(cache_dir, key, settings, spec.dim if spec else fm.dim, computer.batch_size(x0[0].to(fm.device)))
-    computer._batch = store.manifest["vmap_batch"]  # resume with the batching the store was started with
-    projector = Projector(spec, fm.sizes, fm.device) if spec else None
+    manifest_path = store_root(cache_dir, key) / "manifest.json"
+    if manifest_path.is_file():  # resume with the layout and batching the store was started with
+        existing = read_json(manifest_path)
+        block_dims, dim, vmap_batch = existing.get("block_dims"), existing["dim"], existing["vmap_batch"]
+    else:
+        block_dims = projection_layout(spec, fm, computer, source) if spec else None
+        dim = (sum(block_dims) if block_dims else spec.dim) if spec else fm.dim
+        vmap_batch = computer.batch_size(x0[0].to(fm.device))
+    store = open_store(cache_dir, key, settings, dim, vmap_batch, block_dims)
+    computer._batch = store.manifest["vmap_batch"]
+    projector = store.projector(fm.sizes, fm.device)
 
     todo = [c for c in store.shard_chunks(shard) if not store.chunk_done(c, verify=True)]
     rebuilt = sum(1 for c in todo if store._record_path(c).is_file())

@@ -20,6 +20,9 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--project-seed", type=int, default=d.project_seed, help="projection seed (default 0)")
     g.add_argument("--projection", default=d.projection, choices=["countsketch", "gaussian"],
                    help="countsketch: O(p) sparse sign sketch (default); gaussian: dense, for comparison")
+    g.add_argument("--projection-allocation", default=d.projection_allocation, choices=["energy", "uniform"],
+                   help="energy: output dims per parameter block ∝ its gradient energy, small blocks exact (default); "
+                        "uniform: one sketch of the whole vector")
     g.add_argument("--dtype", default=None, choices=["fp16", "fp32"], help="stored precision (default fp16 when projected, else fp32)")
     g.add_argument("--chunk-size", type=int, default=d.chunk_size, help=f"rows per resumable chunk (default {d.chunk_size})")
     g.add_argument("--memory-budget", type=int, default=d.memory_budget >> 20, metavar="MB",
@@ -29,7 +32,7 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 
 def store_settings(args: argparse.Namespace) -> StoreSettings:
     return StoreSettings(params=args.params, project_dim=args.project_dim, project_seed=args.project_seed,
-                         projection=args.projection, dtype=args.dtype, chunk_size=args.chunk_size,
+                         projection=args.projection, projection_allocation=args.projection_allocation, dtype=args.dtype, chunk_size=args.chunk_size,
                          memory_budget=args.memory_budget << 20)
 
 

@@ -1,0 +1,297 @@
+"""Influence functions checked against exact algebra, re-fitting and leave-one-out retraining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+from torch import nn
+from torch.func import hessian
+
+from trainfluence.data import DataConfig, load_dataset
+from trainfluence.data.source import TensorSource
+from trainfluence.errors import UserError
+from trainfluence.hvp import HessianOperator
+from trainfluence.influence import InfluenceEngine
+from trainfluence.models import build_model
+from trainfluence.objective import FunctionalModel, Objective
+from trainfluence.solvers import make_solver
+from trainfluence.store import StoreSettings
+from trainfluence.validation import leave_one_out, refit
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def fit_to_optimum(model: nn.Module, data, wd: float) -> nn.Module:
+    fm = FunctionalModel(model, "all")
+    params = refit(fm, Objective(wd), data)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    return model
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """Well-conditioned L2-regularised 3-class logistic regression on 10 Gaussian features (float64)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 10, generator=g, dtype=torch.float64)
+    teacher = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    y = (x @ teacher + 0.8 * torch.randn(300, 3, generator=g, dtype=torch.float64)).argmax(1)
+    xt = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    yt = (xt @ teacher).argmax(1)
+    torch.manual_seed(0)
+    model = fit_to_optimum(nn.Linear(10, 3).double(), (x, y), 0.05)
+    return {"model": model, "train": TensorSource(x, y), "test": TensorSource(xt, yt), "wd": 0.05}
+
+
+@pytest.fixture(scope="module")
+def synthetic_op(synthetic):
+    fm = FunctionalModel(synthetic["model"], "all")
+    return HessianOperator(fm, Objective(synthetic["wd"]), synthetic["train"], damping=0.0)
+
+
+def test_hvp_matches_dense_hessian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    fm = FunctionalModel(model, "all")
+    obj = Objective(weight_decay=0.03)
+    op = HessianOperator(fm, obj, TensorSource(x, y), damping=0.2, batch_size=16)
+
+    def full_objective(theta):
+        params = fm.unflatten(theta)
+        return obj.loss(fm(params, x), y).mean() + obj.regularizer(params)
+
+    H = hessian(full_objective)(fm.flat_params()) + 0.2 * torch.eye(fm.dim, dtype=torch.float64)
+    V = torch.randn(7, fm.dim, dtype=torch.float64)
+    assert torch.allclose(op.hvp(V), V @ H, atol=1e-10)
+    assert torch.allclose(op.dense(progress=False), H, atol=1e-10)
+    assert op.top_eigenvalue(iterations=500, tol=1e-10) == pytest.approx(float(torch.linalg.eigvalsh(H).abs().max()), rel=1e-4)
+
+
+@pytest.mark.parametrize("name,settings,threshold", [
+    ("exact", None, 0.999), ("cg", None, 0.999), ("arnoldi", {"rank": 33}, 0.999), ("lissa", None, 0.99)])
+def test_solvers_match_linalg_solve(synthetic, synthetic_op, name, settings, threshold):
+    op = synthetic_op
+    H = op.dense(progress=False)
+    V = torch.randn(4, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = torch.linalg.solve(H, V.T).T
+    got = make_solver(name, settings).inverse_hvp(op, V)
+    assert float(cosine(got, want).min()) >= threshold
+    if name != "lissa":
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-8)
+
+
+def test_arnoldi_low_rank_is_exact_on_its_subspace(synthetic_op):
+    op = synthetic_op
+    evals, evecs = torch.linalg.eigh(op.dense(progress=False))
+    solver = make_solver("arnoldi", {"rank": 5})
+    mu, U = solver.eigenpairs(op)
+    assert torch.allclose(mu, evals.flip(0)[:5], rtol=1e-6)
+    v = evecs[:, -2]  # an eigenvector inside the top-5 subspace
+    assert torch.allclose(solver.inverse_hvp(op, v[None])[0], v / evals[-2], atol=1e-8)
+
+
+def test_lissa_trace_and_early_stop(synthetic_op):
+    solver = make_solver("lissa", {"tol": 1e-3, "depth": 5000})
+    solver.inverse_hvp(synthetic_op, torch.ones(1, synthetic_op.dim, dtype=torch.float64))
+    trace = solver.trace[0]
+    assert trace["steps"][-1] < 5000  # stopped early
+    assert trace["relative_change"][-1] < 1e-3 <= max(trace["relative_change"])
+    assert solver.scale_used == pytest.approx(1.5 * synthetic_op.top_eigenvalue(), rel=1e-2)
+
+
+def test_lissa_divergence_names_the_scale(synthetic_op):
+    top = synthetic_op.top_eigenvalue()
+    solver = make_solver("lissa", {"scale": top / 4, "depth": 300})
+    with pytest.raises(UserError, match=r"LiSSA diverged .* scale above the top eigenvalue"):
+        solver.inverse_hvp(synthetic_op, torch.ones(1, synthetic_op.dim, dtype=torch.float64))
+
+
+def test_lissa_divergence_names_the_damping():
+    # a saddle: the loss 0.5·θᵀAθ with A indefinite, expressed as a one-example "model"
+    class Saddle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+        def forward(self, x):
+            q = 0.5 * (self.theta[0] ** 2 - 0.5 * self.theta[1] ** 2)
+            return torch.stack([q.expand(len(x)), torch.zeros(len(x), dtype=torch.float64)], 1)
+
+    class Identity(Objective):
+        def loss(self, outputs, targets):
+            return outputs[:, 0]
+
+    fm = FunctionalModel(Saddle(), "all")
+    op = HessianOperator(fm, Identity(), TensorSource(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long)), damping=0.1)
+    with pytest.raises(UserError, match=r"damping above 0\.5 "):
+        make_solver("lissa", {"depth": 3000, "scale": 2.0}).inverse_hvp(op, torch.ones(1, 2, dtype=torch.float64))
+
+
+def test_exact_solver_refuses_large_models():
+    fm = FunctionalModel(build_model("cnn", 5, 3, 32), "all")
+    op = HessianOperator(fm, Objective(), TensorSource(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)), 0.1)
+    with pytest.raises(UserError, match="above its limit"):
+        make_solver("exact").inverse_hvp(op, torch.zeros(1, fm.dim))
+
+
+def test_self_influence_agrees_across_solvers(synthetic, tmp_path):
+    kwargs = dict(damping=0.0, weight_decay=synthetic["wd"], cache_dir=tmp_path)
+    exact = InfluenceEngine(synthetic["model"], synthetic["train"], solver="exact", **kwargs)
+    si = exact.self_influence()
+    assert si.shape == (300,) and (si > 0).all()
+    G = exact.gradients(synthetic["train"]).double()
+    H = exact.operator.dense(progress=False)
+    want = (G * torch.linalg.solve(H, G.T).T).sum(1).numpy()
+    np.testing.assert_allclose(si, want, rtol=1e-6)
+    arnoldi = InfluenceEngine(synthetic["model"], synthetic["train"], solver="arnoldi", solver_settings={"rank": 33}, **kwargs)
+    np.testing.assert_allclose(arnoldi.self_influence(), want, rtol=1e-6)
+    cg = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", **kwargs)
+    np.testing.assert_allclose(cg.self_influence(np.arange(5)), want[:5], rtol=1e-4)
+
+
+def test_params_influence_is_the_derivative_of_the_optimum(synthetic, tmp_path):
+    """I_up,params(z) = dθ̂/dε for L + εℓ(z): compare with a re-fit at small ε."""
+    engine = InfluenceEngine(synthetic["model"], synthetic["train"], solver="exact", damping=0.0,
+                             weight_decay=synthetic["wd"], cache_dir=tmp_path)
+    i, n, delta = 17, 300, 0.02
+    predicted = engine.params_influence([i])[0]
+    w = torch.ones(n, dtype=torch.float64)
+    w[i] += delta  # (1/n)·(1 + δ)·ℓ(z) = ℓ(z)/n + ε ℓ(z) with ε = δ/n
+    fm = engine.fm
+    moved = fm.flatten(refit(fm, engine.objective, synthetic["train"], weights=w)) - fm.flat_params()
+    actual = moved / (delta / n)
+    assert float(cosine(predicted, actual)) > 0.999
+    assert float(predicted.norm() / actual.norm()) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def shapes_logreg():
+    """L2-regularised logistic regression on 16×16 shapes, fitted to its optimum (float64)."""
+    cfg = DataConfig("shapes", image_size=16, train_size=500, test_size=50)
+    train, test = load_dataset(cfg, "train"), load_dataset(cfg, "test")
+    torch.manual_seed(0)
+    model = fit_to_optimum(build_model("logreg", 5, 3, 16).double(), train, 0.5)
+    return {"model": model, "train": train, "test": test, "wd": 0.5}
+
+
+def test_leave_one_out_retraining(shapes_logreg, tmp_path):
+    d = shapes_logreg
+    engine = InfluenceEngine(d["model"], d["train"], solver="cg", damping=0.0, weight_decay=d["wd"],
+                             solver_settings={"rtol": 1e-10}, cache_dir=tmp_path)
+    fm, obj = engine.fm, engine.objective
+    x, y = d["test"].tensors()
+    with torch.no_grad():
+        losses = obj.loss(fm(fm.params, x), y)
+    t = int(losses.argmax())  # a test point the model gets wrong: large influences
+    test = (x[t : t + 1], y[t : t + 1])
+    infl = engine.influence(test)[0]
+    top = np.argsort(-np.abs(infl))[:30]
+    predicted = -infl[top] / engine.n
+    actual = leave_one_out(fm, obj, d["train"], test, top)[:, 0]
+    r = pearsonr(predicted, actual)[0]
+    assert r >= 0.95, (r, predicted[:5], actual[:5])
+    assert np.sign(predicted).tolist() == np.sign(actual).tolist()
+    # the scale is right too: first-order influence under-estimates high-leverage removals a little (ratio ≥ 1)
+    slope = float(actual @ predicted / (predicted @ predicted))
+    assert 0.9 < slope < 2.0
+
+
+def test_duplicate_is_most_helpful_and_flipped_copy_harmful(shapes_logreg, tmp_path):
+    d = shapes_logreg
+    xs, ys = d["train"].tensors()
+    xt, yt = d["test"].tensors(slice(0, 3))
+    # append one exact duplicate and one label-flipped copy of each of three test images
+    flipped = (yt + 2) % 5
+    train = TensorSource(torch.cat([xs, xt, xt]), torch.cat([ys, yt, flipped]))
+    torch.manual_seed(0)
+    model = fit_to_optimum(build_model("logreg", 5, 3, 16).double(), train, d["wd"])
+    engine = InfluenceEngine(model, train, solver="exact", damping=0.0, weight_decay=d["wd"], cache_dir=tmp_path)
+    top = engine.top_k((xt, yt), k=5)
+    n = len(xs)
+    for j in range(3):
+        assert top.helpful_index[j, 0] == n + j  # the duplicate of test point j ranks first among helpful
+        assert n + 3 + j in top.harmful_index[j, :3]  # its flipped copy is among the 3 most harmful
+        assert top.helpful_score[j, 0] < 0 < top.harmful_score[j, 0]
+
+
+def test_top_k_equals_sorting_the_influence_matrix(shapes_run, tmp_path):
+    train = load_dataset(DataConfig("shapes", train_size=300, test_size=20), "train")
+    test = load_dataset(DataConfig("shapes", train_size=300, test_size=20), "test")
+    engine = InfluenceEngine(shapes_run["checkpoint"], train, solver="exact", params="last", damping=0.01,
+                             cache_dir=tmp_path)
+    assert engine.objective.weight_decay == 5e-4  # read from the checkpoint
+    matrix = engine.influence(test)
+    top = engine.top_k(test, k=5)
+    np.testing.assert_allclose(top.helpful_score, np.sort(matrix, axis=1)[:, :5], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(top.harmful_score, -np.sort(-matrix, axis=1)[:, :5], rtol=1e-4, atol=1e-6)
+    assert (np.take_along_axis(matrix, top.helpful_index, 1) == pytest.approx(top.helpful_score, rel=1e-4, abs=1e-6))
+
+
+def test_projected_scores_match_exact_scores(shapes_run, tmp_path):
+    train = load_dataset(DataConfig("shapes", train_size=800, test_size=20), "train")
+    x, y = load_dataset(DataConfig("shapes", train_size=800, test_size=20), "test").tensors(slice(0, 3))
+    common = dict(solver="lissa", solver_settings={"depth": 30, "batch_size": 64, "scale": 500.0}, damping=0.01,
+                  cache_dir=tmp_path)
+    full = InfluenceEngine(shapes_run["checkpoint"], train, **common)
+    projected = InfluenceEngine(shapes_run["checkpoint"], train, projection_dim=4096, **common)
+    a, b = full.influence((x, y)), projected.influence((x, y))
+    assert projected.store.dim == 4096 and full.store.dim == full.fm.dim
+    for row_a, row_b in zip(a, b):
+        assert spearmanr(row_a, row_b)[0] >= 0.95
+
+
+def test_scores_invariant_to_batching_chunking_and_shards(shapes_run, tmp_path):
+    train = load_dataset(DataConfig("shapes", train_size=200, test_size=20), "train")
+    test = load_dataset(DataConfig("shapes", train_size=200, test_size=20), "test")
+    from trainfluence.checkpoint import load_checkpoint
+
+    model = load_checkpoint(shapes_run["checkpoint"]).model.double()  # float64, so only real differences show
+    base = dict(solver="exact", params="classifier", damping=0.05, weight_decay=5e-4)
+    ref = InfluenceEngine(model, train, cache_dir=tmp_path / "a", **base).influence(test)
+    other = InfluenceEngine(model, train, cache_dir=tmp_path / "b", hessian_batch_size=37,
+                            store_settings=StoreSettings(params="classifier", chunk_size=30,
+                                                         memory_budget=4 << 20), **{k: v for k, v in base.items() if k != "params"})
+    assert other.computer.batch_size(train.tensors([0])[0][0]) < 64  # a different vmap batch really was used
+    sharded = InfluenceEngine(model, train, cache_dir=tmp_path / "c", **base)
+    for i in range(3):
+        sharded.build_cache(shard=(i, 3))
+    # the stored gradients are float32: scores agree to float32 rounding
+    np.testing.assert_allclose(other.influence(test), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_array_equal(sharded.influence(test), ref)  # shards: the very same bytes
+
+
+def test_s_test_cached_beside_store(synthetic, tmp_path):
+    engine = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", damping=0.0,
+                             weight_decay=synthetic["wd"], cache_dir=tmp_path)
+    first = engine.s_test(synthetic["test"])
+    files = list(tmp_path.glob("grads-*/stest/*/*.npy"))
+    assert len(files) == 1
+    np.save(files[0], np.full_like(np.load(files[0]), 7.0))  # prove the second call reads the file
+    assert torch.equal(engine.s_test(synthetic["test"]), torch.full_like(first, 7.0))
+    other = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", damping=0.5,
+                            weight_decay=synthetic["wd"], cache_dir=tmp_path)
+    assert not torch.allclose(other.s_test(synthetic["test"]), first)  # other settings: another cache entry
+    assert len(list(tmp_path.glob("grads-*/stest/*/*.npy"))) == 2
+
+
+def test_three_line_api(shapes_run, tmp_path):
+    import trainfluence
+
+    train = load_dataset(DataConfig("shapes", train_size=150, test_size=10), "train")
+    test = load_dataset(DataConfig("shapes", train_size=150, test_size=10), "test")
+    engine = trainfluence.InfluenceEngine(shapes_run["checkpoint"], train, solver="arnoldi", damping=0.01,
+                                          params="last", projection_dim=None, cache_dir=tmp_path, weight_decay=None,
+                                          solver_settings={"rank": 40})
+    engine.build_cache()
+    scores = engine.influence(test)
+    assert scores.shape == (10, 150) and np.isfinite(scores).all()
+    top = engine.top_k(test, 3)
+    assert top.helpful_index.shape == (10, 3)
+    si = engine.self_influence()
+    assert si.shape == (150,) and (si >= 0).all()

@@ -1,0 +1,131 @@
+"""Hessian-vector products of the training objective, forward-over-reverse with ``torch.func``.
+
+    H = ∇²L(θ̂) + λI,   L(θ) = (1/n) Σᵢ ℓ(zᵢ, θ) + (wd/2)‖θ‖²,   so   H v = (1/n) Σᵢ ∇²ℓ(zᵢ) v + (wd + λ) v.
+
+:meth:`HessianOperator.hvp` averages over the training examples (all of them, or a fixed seeded subset of
+``hessian_samples``) in batches weighted by their size; :meth:`HessianOperator.batch_hvp` is the minibatch
+estimate H_B v used by LiSSA.  Both take a matrix of right-hand sides ``V [m, p]`` and vectorise over its rows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.func import grad, jvp, vmap
+
+from .data.source import ExampleSource
+from .objective import FunctionalModel, Objective
+from .progress import bar
+
+
+class HessianOperator:
+    def __init__(
+        self,
+        fm: FunctionalModel,
+        objective: Objective,
+        source: ExampleSource,
+        damping: float,
+        *,
+        batch_size: int = 256,
+        hessian_samples: int | None = None,
+        seed: int = 0,
+        rhs_chunk: int = 32,
+    ):
+        self.fm, self.objective, self.source = fm, objective, source
+        self.damping, self.batch_size, self.rhs_chunk = float(damping), batch_size, rhs_chunk
+        n = len(source)
+        if hessian_samples is not None and hessian_samples < n:
+            rng = np.random.default_rng(seed)
+            self.indices = np.sort(rng.choice(n, size=hessian_samples, replace=False))
+        else:
+            self.indices = np.arange(n)
+        self.theta = fm.flat_params()
+        self.dim = fm.dim
+        self._grad = grad(self._mean_loss)
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def shift(self) -> float:
+        """wd + λ: the part of H that is a multiple of the identity."""
+        return self.objective.weight_decay + self.damping
+
+    def _mean_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.objective.outputs(lambda inp: self.fm(self.fm.unflatten(theta), inp), x)
+        return self.objective.loss(out, y).mean()
+
+    def data_hvp(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """∇²[(1/|B|) Σ_{i∈B} ℓ(zᵢ)] V for the batch (x, y); V is [m, p]."""
+        x, y = x.to(self.theta.device), y.to(self.theta.device)
+
+        def one(v: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda th: self._grad(th, x, y), (self.theta,), (v,))[1]
+
+        V = V.to(self.theta)
+        return torch.cat([vmap(one)(V[i : i + self.rhs_chunk]) for i in range(0, len(V), self.rhs_chunk)])
+
+    def batch_hvp(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Minibatch estimate H_B V = ∇²L_B V + (wd + λ) V."""
+        return self.data_hvp(V, x, y) + self.shift * V.to(self.theta)
+
+    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The Hessian's examples as fixed batches (kept in memory: they are re-read by every product)."""
+        if self._batches is None:
+            idx = self.indices
+            self._batches = [self.source.tensors(idx[i : i + self.batch_size]) for i in range(0, len(idx), self.batch_size)]
+        return self._batches
+
+    def hvp(self, V: torch.Tensor) -> torch.Tensor:
+        """H V over the whole (sub)set: size-weighted average of batch products, plus (wd + λ) V."""
+        V = V.to(self.theta)
+        total = torch.zeros_like(V)
+        n = len(self.indices)
+        with torch.no_grad():
+            for x, y in self.batches():
+                total += self.data_hvp(V, x, y) * (len(y) / n)
+        return total + self.shift * V
+
+    def subset(self, size: int, seed: int = 0) -> "HessianOperator":
+        """The same operator over a seeded random subset of at most ``size`` of its examples."""
+        if size >= len(self.indices):
+            return self
+        sub = HessianOperator.__new__(HessianOperator)
+        sub.__dict__.update(self.__dict__)
+        rng = np.random.default_rng(seed)
+        sub.indices = np.sort(rng.choice(self.indices, size=size, replace=False))
+        sub._batches = None
+        return sub
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A uniformly random minibatch (without replacement) of the Hessian's examples."""
+        pick = rng.choice(len(self.indices), size=min(batch_size, len(self.indices)), replace=False)
+        return self.source.tensors(self.indices[np.sort(pick)])
+
+    def dense(self, chunk: int = 64, progress: bool = True) -> torch.Tensor:
+        """The full p×p matrix H, column block by column block (float64)."""
+        eye = torch.eye(self.dim, dtype=self.theta.dtype, device=self.theta.device)
+        cols = [self.hvp(eye[i : i + chunk]).double() for i in bar(range(0, self.dim, chunk), desc="dense Hessian",
+                                                                    unit="block", disable=not progress)]
+        H = torch.cat(cols).T  # rows of the product are H eᵢ = columns of H
+        return 0.5 * (H + H.T)
+
+    def top_eigenvalue(self, iterations: int = 50, tol: float = 1e-3, seed: int = 0,
+                       matvec: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+        """Largest-magnitude eigenvalue of H (power iteration), signed by its Rayleigh quotient."""
+        matvec = matvec or (lambda v: self.hvp(v[None])[0])
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(self.dim, generator=g).to(self.theta)
+        v /= v.norm()
+        value = 0.0
+        for _ in range(iterations):
+            w = matvec(v)
+            new = float(v @ w)
+            norm = w.norm()
+            if norm == 0:
+                return 0.0
+            v = w / norm
+            if abs(new - value) <= tol * abs(new):
+                return new
+            value = new
+        return value
