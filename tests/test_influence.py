@@ -102,7 +102,7 @@ def test_lissa_trace_and_early_stop(synthetic_op):
     trace = solver.trace[0]
     assert trace["steps"][-1] < 5000  # stopped early
     assert trace["relative_change"][-1] < 1e-3 <= max(trace["relative_change"])
-    assert solver.scale_used == pytest.approx(1.5 * synthetic_op.top_eigenvalue(), rel=1e-2)
+    assert solver.scale_used == pytest.approx(1.5 * synthetic_op.top_eigenvalue(), rel=2e-2)
 
 
 def test_lissa_divergence_names_the_scale(synthetic_op):

@@ -51,7 +51,7 @@ class LissaSolver(Solver):
     def resolve_scale(self, op: HessianOperator) -> float:
         s = self.settings.scale
         if s == "auto":
-            top = op.subset(self.settings.scale_samples, self.settings.seed).top_eigenvalue(tol=1e-2, seed=self.settings.seed)
+            top = op.subset(self.settings.scale_samples, self.settings.seed).top_eigenvalue(tol=1e-3, seed=self.settings.seed)
             return self.settings.scale_factor * max(top, 1e-12)
         try:
             value = float(s)
