@@ -12,10 +12,10 @@ from .common import add_data_args, add_device_arg, load_checkpoint_and_data
 HELP = "compute per-example loss gradients once and store them on disk (resumable, sharded, optionally projected)"
 
 
-def add_store_args(p: argparse.ArgumentParser) -> None:
+def add_store_args(p: argparse.ArgumentParser, params_default: str = "all") -> None:
     d = StoreSettings()
     g = p.add_argument_group("gradient store")
-    g.add_argument("--params", default=d.params, help="all | last | comma-separated module names (default all)")
+    g.add_argument("--params", default=params_default, help=f"all | last | comma-separated module names (default {params_default})")
     g.add_argument("--project-dim", type=int, default=None, metavar="K", help="random projection to K dimensions (default: none)")
     g.add_argument("--project-seed", type=int, default=d.project_seed, help="projection seed (default 0)")
     g.add_argument("--projection", default=d.projection, choices=["countsketch", "gaussian"],

@@ -1,0 +1,91 @@
+"""Explaining test predictions by training images: the most helpful and most harmful training examples.
+
+:func:`explain` writes ``influence.json`` (indices, labels and I_up,loss scores of the top-k helpful and
+harmful training images per test point, with the settings and timings), one PNG grid per test point and an
+``index.html`` that shows them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import ImageDataset
+from .influence import InfluenceEngine
+from .report import html
+from .report.figures import Panel, panel_grid, to_display
+from .settings import write_json
+
+
+def _entry(dataset: ImageDataset, index: int, score: float | None = None) -> dict[str, Any]:
+    label = int(dataset.labels[index])
+    entry: dict[str, Any] = {"index": int(index), "label": label, "label_name": dataset.classes[label]}
+    if score is not None:
+        entry["score"] = float(score)
+    if dataset.noise is not None:
+        entry["label_flipped"] = bool(index in set(dataset.noise.indices))
+    return entry
+
+
+def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, indices: list[int], k: int,
+            out: Path) -> dict[str, Any]:
+    """Top-k helpful and harmful training images for each test index; writes JSON, PNGs and HTML into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    engine.build_cache()
+    timings["gradient_store_s"] = time.perf_counter() - t0
+    x, y = test.tensors(indices)
+    t0 = time.perf_counter()
+    top = engine.top_k((x, y), k)
+    timings["s_test_and_search_s"] = time.perf_counter() - t0
+    with torch.no_grad():
+        probs = torch.softmax(engine.fm(engine.fm.params, x.to(engine.device)), 1).cpu()
+    results = []
+    for row, t in enumerate(indices):
+        pred = int(probs[row].argmax())
+        item = {
+            "test": {**_entry(test, t), "prediction": pred, "prediction_name": test.classes[pred],
+                     "probability": float(probs[row, pred])},
+            "helpful": [_entry(train, int(i), s) for i, s in zip(top.helpful_index[row], top.helpful_score[row])],
+            "harmful": [_entry(train, int(i), s) for i, s in zip(top.harmful_index[row], top.harmful_score[row])],
+            "figure": f"explain-{t}.png",
+        }
+        _figure(item, train, test, out / item["figure"])
+        results.append(item)
+    report = {"settings": engine.settings(), "store": str(engine.store.root if engine.store else ""),
+              "sign": "I_up,loss: negative = helpful (upweighting lowers the test loss), positive = harmful",
+              "k": k, "timings": timings, "explanations": results}
+    write_json(out / "influence.json", report)
+    _html(report, out)
+    return report
+
+
+def _figure(item: dict[str, Any], train: ImageDataset, test: ImageDataset, path: Path) -> None:
+    t = item["test"]
+    head = [Panel(to_display(test.images[t["index"]]), f"test #{t['index']}\n{t['label_name']} → {t['prediction_name']}",
+                  color="green" if t["label"] == t["prediction"] else "red")]
+    rows = [head]
+    for kind, colour in (("helpful", "green"), ("harmful", "red")):
+        rows.append([Panel(to_display(train.images[e["index"]]), f"#{e['index']} {e['label_name']}\n{e['score']:.3g}",
+                           color=colour) for e in item[kind]])
+    panel_grid(rows, path, row_labels=["test", "helpful", "harmful"])
+
+
+def _html(report: dict[str, Any], out: Path) -> None:
+    parts = ["<h1>Which training images made the model predict this?</h1>",
+             f"<p class='muted'>{html.esc(report['sign'])}. Solver {html.esc(report['settings']['solver'])}, "
+             f"damping {html.esc(report['settings']['damping'])}.</p>"]
+    for item in report["explanations"]:
+        t = item["test"]
+        parts.append(f"<h2>Test image #{html.esc(t['index'])}: label {html.esc(t['label_name'])}, "
+                     f"predicted {html.esc(t['prediction_name'])} ({t['probability']:.2f})</h2>")
+        parts.append(html.img(item["figure"], f"explanation of test image {t['index']}", "figure"))
+        for kind in ("helpful", "harmful"):
+            rows = [[e["index"], e["label_name"], e["score"]] for e in item[kind]]
+            parts.append(f"<h3>Most {kind}</h3>" + html.table(["training index", "label", "I_up,loss"], rows))
+    html.write_page(out / "index.html", "trainfluence explain", "\n".join(parts))

@@ -1,0 +1,1 @@
+"""Pictures and HTML shared by every report (explain, audit, saliency, demo)."""

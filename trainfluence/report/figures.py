@@ -1,0 +1,86 @@
+"""Image grids and thumbnails (matplotlib, Agg backend; PIL for plain thumbnails)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def to_display(pixels: torch.Tensor) -> np.ndarray:
+    """uint8 [C, H, W] (or float [C, H, W] in [0, 1]) → float HWC (or HW for one channel) in [0, 1]."""
+    img = pixels.detach().cpu().float()
+    if pixels.dtype == torch.uint8:
+        img = img / 255.0
+    img = img.permute(1, 2, 0).numpy()
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+@dataclass
+class Panel:
+    image: np.ndarray | None  # HWC or HW in [0, 1]; None leaves the cell empty
+    title: str = ""
+    overlay: np.ndarray | None = None  # HW map drawn over the image (signed: red positive, blue negative)
+    box: Sequence[int] | None = None  # (x0, y0, x1, y1) inclusive, drawn as a rectangle
+    color: str | None = None  # frame colour
+    box2: Sequence[int] | None = None  # a second box (e.g. predicted vs ground truth)
+
+
+def _draw(ax, panel: Panel) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if panel.image is None:
+        ax.axis("off")
+        return
+    ax.imshow(panel.image, cmap="gray" if panel.image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    if panel.overlay is not None:
+        m = float(np.abs(panel.overlay).max()) or 1.0
+        ax.imshow(panel.overlay, cmap="bwr", vmin=-m, vmax=m, alpha=0.55, interpolation="nearest")
+    for box, colour in ((panel.box, "lime"), (panel.box2, "yellow")):
+        if box is not None:
+            x0, y0, x1, y1 = box
+            ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, color=colour, lw=1.5))
+    if panel.color:
+        for spine in ax.spines.values():
+            spine.set_color(panel.color)
+            spine.set_linewidth(3)
+    ax.set_title(panel.title, fontsize=7)
+
+
+def panel_grid(rows: list[list[Panel]], path: str | Path, *, title: str | None = None, row_labels: list[str] | None = None,
+               cell: float = 1.35) -> Path:
+    """Save a grid of panels (rows may differ in length) as a PNG."""
+    ncols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(cell * ncols + 0.6, cell * len(rows) + 0.5), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(ncols):
+            _draw(axes[r][c], row[c] if c < len(row) else Panel(None))
+        if row_labels:
+            axes[r][0].set_ylabel(row_labels[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_thumbnail(pixels: torch.Tensor, path: str | Path, size: int = 96) -> Path:
+    """An upscaled (nearest-neighbour) PNG of one uint8 [C, H, W] image."""
+    img = pixels.detach().cpu()
+    arr = img.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    scale = max(1, size // max(arr.shape[0], arr.shape[1]))
+    pil = pil.resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    path = Path(path)
+    pil.save(path)
+    return path
