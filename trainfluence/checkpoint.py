@@ -32,6 +32,7 @@ class CheckpointMeta:
     epoch: int
     optimizer: dict[str, Any] = field(default_factory=dict)  # name, lr (at this epoch), momentum, weight_decay, ...
     metrics: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)  # TrainConfig as a dict (to retrain the same way)
 
     @property
     def data_config(self) -> DataConfig:

@@ -41,8 +41,11 @@ def per_example_fn(fm: FunctionalModel, objective: Objective) -> Callable[[Param
     return vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))
 
 
-def activation_numel(fm: FunctionalModel, example: torch.Tensor) -> int:
-    """Number of activation values one example produces (summed over modules), from one forward pass."""
+def activation_numel(fm: FunctionalModel, example: torch.Tensor, *, downstream_only: bool = False) -> int:
+    """Number of activation values one example produces (summed over leaf modules), from one forward pass.
+
+    ``downstream_only``: count only modules registered after the first one owning a selected parameter — an
+    estimate of the activations that carry forward-mode tangents in a Hessian-vector product."""
     total = 0
 
     def hook(_m, _inp, out):
@@ -50,7 +53,12 @@ def activation_numel(fm: FunctionalModel, example: torch.Tensor) -> int:
         if isinstance(out, torch.Tensor):
             total += out.numel()
 
-    handles = [m.register_forward_hook(hook) for m in fm.module.modules() if not list(m.children())]
+    leaves = [(name, m) for name, m in fm.module.named_modules() if not list(m.children())]
+    if downstream_only:
+        owners = {n.rpartition(".")[0] for n in fm.names}
+        first = next((i for i, (name, _) in enumerate(leaves) if name in owners), 0)
+        leaves = leaves[first:]
+    handles = [m.register_forward_hook(hook) for _, m in leaves]
     try:
         with torch.no_grad():
             fm(fm.params, example.unsqueeze(0))

@@ -16,6 +16,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from .data.source import ExampleSource
+from .gradients import activation_numel
 from .objective import FunctionalModel, Objective
 from .progress import bar
 
@@ -31,10 +32,12 @@ class HessianOperator:
         batch_size: int = 256,
         hessian_samples: int | None = None,
         seed: int = 0,
-        rhs_chunk: int = 32,
+        rhs_chunk: int | None = None,
+        memory_budget: int = 1 << 30,
     ):
         self.fm, self.objective, self.source = fm, objective, source
-        self.damping, self.batch_size, self.rhs_chunk = float(damping), batch_size, rhs_chunk
+        self.damping, self.batch_size = float(damping), batch_size
+        self._rhs_chunk, self.memory_budget = rhs_chunk, memory_budget
         n = len(source)
         if hessian_samples is not None and hessian_samples < n:
             rng = np.random.default_rng(seed)
@@ -45,6 +48,16 @@ class HessianOperator:
         self.dim = fm.dim
         self._grad = grad(self._mean_loss)
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def rhs_chunk(self) -> int:
+        """Right-hand sides per vmapped product: forward-mode tangents of the activations downstream of the
+        selected parameters (×3 for the reverse pass), for a batch, within ``memory_budget``; at most 512."""
+        if self._rhs_chunk is None:
+            x, _ = self.source.tensors(self.indices[:1])
+            per_rhs = 4 * 3 * self.batch_size * max(1, activation_numel(self.fm, x[0].to(self.theta.device), downstream_only=True))
+            self._rhs_chunk = int(max(1, min(512, self.memory_budget // per_rhs)))
+        return self._rhs_chunk
 
     @property
     def shift(self) -> float:
@@ -102,8 +115,9 @@ class HessianOperator:
         pick = rng.choice(len(self.indices), size=min(batch_size, len(self.indices)), replace=False)
         return self.source.tensors(self.indices[np.sort(pick)])
 
-    def dense(self, chunk: int = 64, progress: bool = True) -> torch.Tensor:
+    def dense(self, chunk: int | None = None, progress: bool = True) -> torch.Tensor:
         """The full p×p matrix H, column block by column block (float64)."""
+        chunk = chunk or self.rhs_chunk
         eye = torch.eye(self.dim, dtype=self.theta.dtype, device=self.theta.device)
         cols = [self.hvp(eye[i : i + chunk]).double() for i in bar(range(0, self.dim, chunk), desc="dense Hessian",
                                                                     unit="block", disable=not progress)]

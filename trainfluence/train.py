@@ -144,6 +144,7 @@ def train(
             optimizer={"name": cfg.optimizer, "lr": record["lr"], "peak_lr": cfg.lr, "momentum": cfg.momentum,
                        "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "schedule": cfg.schedule},
             metrics={k: v for k, v in record.items() if k != "epoch"},
+            train_config=to_dict(cfg),
         )
         save_checkpoint(out / f"epoch-{epoch}.pt", model, meta)
         if progress:

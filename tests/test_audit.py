@@ -1,0 +1,108 @@
+"""The mislabel audit end to end: planted flips found, CSV consistent with metrics.json, HTML escaped, errors."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trainfluence.audit import AuditSettings, run_audit
+from trainfluence.audit.fix import fix_experiment
+from trainfluence.audit.scores import loss_score, margin_score, tracin_score
+from trainfluence.checkpoint import load_checkpoint
+from trainfluence.cli import main
+from trainfluence.data import DataConfig, load_dataset
+from trainfluence.influence import InfluenceEngine
+
+from .test_cli_errors import assert_one_line_error
+
+
+def test_numpy_scores():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    labels = np.array([0, 1])
+    np.testing.assert_allclose(loss_score(probs, labels), [-np.log(0.7), -np.log(0.1)])
+    np.testing.assert_allclose(margin_score(probs, labels), [0.2 - 0.7, 0.8 - 0.1])
+    np.testing.assert_allclose(tracin_score(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([0.5, 0.1])), [0.8, 1.4])
+
+
+@pytest.fixture(scope="module")
+def audited(shapes_run, tmp_path_factory):
+    """Audit the shapes model with 10% of its training labels flipped (the model learnt the clean labels)."""
+    ckpt = load_checkpoint(shapes_run["checkpoint"])
+    cfg = dataclasses.replace(ckpt.meta.data_config, label_noise=0.1, noise_seed=3)
+    train, test = load_dataset(cfg, "train"), load_dataset(cfg, "test")
+    # one class name that would run as script if it were not escaped
+    train = dataclasses.replace(train, classes=["<script>alert(1)</script>", *train.classes[1:]])
+    out = tmp_path_factory.mktemp("audit")
+
+    def engine():
+        return InfluenceEngine(ckpt.model, train, solver="exact", params="last", damping=0.01,
+                               weight_decay=ckpt.meta.weight_decay, cache_dir=out / "cache")
+
+    report = run_audit(ckpt, train, test, AuditSettings(top=20, detail=2), engine, out / "report", torch.device("cpu"))
+    return {"report": report, "out": out / "report", "train": train}
+
+
+def test_audit_finds_most_planted_flips(audited):
+    m = audited["report"]["metrics"]
+    assert audited["report"]["num_flipped"] == 400
+    assert m["tracin"]["recall_at_10pct"] >= 0.8 and m["tracin"]["roc_auc"] >= 0.95
+    assert m["self_influence"]["recall_at_10pct"] >= 0.8
+    assert m["random"]["roc_auc"] == pytest.approx(0.5, abs=0.06)
+    assert audited["report"]["suspects"][0]["is_flipped"]
+
+
+def test_csv_consistent_with_metrics(audited):
+    out, train = audited["out"], audited["train"]
+    report = json.loads((out / "metrics.json").read_text())
+    with (out / "suspects.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(train) and [int(r["rank"]) for r in rows] == list(range(1, len(train) + 1))
+    assert {"index", "given_label", "suggested_label", "suggested_probability", "is_flipped", *report["settings"]["scores"]} <= set(rows[0])
+    ranked = [float(r[report["rank_by"]]) for r in rows]
+    assert ranked == sorted(ranked, reverse=True)
+    flipped = np.array([int(r["is_flipped"]) for r in rows], dtype=bool)
+    assert flipped.sum() == report["num_flipped"]
+    k = round(0.1 * len(rows))
+    assert flipped[:k].sum() / flipped.sum() == pytest.approx(report["metrics"][report["rank_by"]]["recall_at_10pct"])
+    assert [s["index"] for s in report["suspects"]] == [int(r["index"]) for r in rows[:20]]
+    for s in report["suspects"]:
+        assert s["suggested_label"] in train.classes and s["self_influence_label"] in train.classes
+
+
+def test_html_escapes_labels_and_links_resolve(audited):
+    out = audited["out"]
+    page = (out / "index.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    import re
+
+    for src in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert (out / src).is_file(), src
+    assert (out / "recall_vs_inspected.png").is_file() and (out / "roc.png").is_file()
+
+
+def test_fix_experiment_mechanics(shapes_run, tmp_path):
+    cfg = DataConfig("shapes", train_size=300, test_size=100, label_noise=0.2, noise_seed=1)
+    train, test = load_dataset(cfg, "train"), load_dataset(cfg, "test")
+    from trainfluence.train import TrainConfig, train as fit
+
+    fit(TrainConfig(epochs=1), train, test, tmp_path / "m", progress=False)
+    ckpt = load_checkpoint(tmp_path / "m" / "final.pt")
+    flips = np.array(train.noise.indices[:10])
+    suggested = train.clean_labels.numpy().copy()  # an oracle suggestion: the true labels
+    result = fix_experiment(ckpt, train, test, {"oracle": flips, "clean": np.setdiff1d(np.arange(300), flips)[:10]},
+                            suggested, torch.device("cpu"))
+    assert result["methods"]["oracle"]["labels_restored"] == 10 == result["methods"]["oracle"]["flipped_among_chosen"]
+    assert result["methods"]["clean"]["labels_changed"] == 0 and result["methods"]["clean"]["labels_restored"] == 0
+    assert 0 <= result["methods"]["oracle"]["test_accuracy_after"] <= 1
+
+
+def test_audit_cli_errors(capsys, shapes_run, tmp_path):
+    code = main(["audit", "--checkpoint", str(shapes_run["checkpoint"]), "--score", "vibes", "--out", str(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "unknown score 'vibes'")
+    code = main(["audit", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "not found")

@@ -1,0 +1,161 @@
+"""Mislabel scores: one number per training example, higher = more suspicious.  A registry of named scores.
+
+The functions at the top take numpy arrays and return numpy (cleanlab's convention); :data:`SCORES` maps a name
+to a function of an :class:`AuditContext`, which supplies those arrays (and computes them once).
+
+* ``self_influence`` — ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) at the final checkpoint, by the influence engine (Koh & Liang 2017).
+* ``tracin`` — Σₜ ηₜ ‖∇ℓₜ(z)‖² over the saved epoch checkpoints (Pruthi et al. 2020, TracIn-CP self-influence),
+  with ηₜ the learning rate of epoch t.  ``space="logits"`` (default) takes the gradient at the model's outputs,
+  ∇_f ℓ = softmax(f) − onehot(y) for cross-entropy — the part of every parameter gradient that depends on the
+  label; ``space="params"`` the gradient over the selected parameters, which also carries each image's feature
+  magnitudes (measured to rank flips less well, BENCHMARKS.md).
+* ``loss`` — ℓ(z) = −log p_y at the final checkpoint;  ``margin`` — max_{c≠y} p_c − p_y;  ``random``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..data import ImageDataset
+from ..errors import UserError
+from ..gradients import GradientComputer
+from ..influence import InfluenceEngine
+from ..objective import FunctionalModel, Objective
+from ..progress import bar
+
+
+# ---- numpy in, numpy out ---------------------------------------------------------------------------------
+def loss_score(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-30, None))
+
+
+def margin_score(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    given = probs[np.arange(len(labels)), labels]
+    other = probs.copy()
+    other[np.arange(len(labels)), labels] = -np.inf
+    return other.max(axis=1) - given
+
+
+def tracin_score(squared_norms: np.ndarray, learning_rates: np.ndarray) -> np.ndarray:
+    """Σₜ ηₜ ‖gₜ(z)‖² from a [T, n] matrix of squared gradient norms and the T learning rates."""
+    return np.asarray(learning_rates, dtype=np.float64) @ np.asarray(squared_norms, dtype=np.float64)
+
+
+def random_score(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random(n)
+
+
+# ---- what the scores need, computed once ----------------------------------------------------------------
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, data: ImageDataset, device: torch.device | str, batch: int = 1024) -> np.ndarray:
+    model.eval()
+    out = [torch.softmax(model(data.tensors(slice(i, i + batch), device)[0]), 1).cpu() for i in range(0, len(data), batch)]
+    return torch.cat(out).double().numpy()
+
+
+def squared_gradient_norms(model: torch.nn.Module, data: ImageDataset, space: str, params: str,
+                           device: torch.device | str) -> np.ndarray:
+    """‖∇ℓ(z)‖² per training example, at the model's outputs (``logits``) or over parameters (``params``)."""
+    if space == "logits":
+        probs = predict_proba(model, data, device)
+        onehot = np.eye(probs.shape[1])[data.labels.numpy()]
+        return ((probs - onehot) ** 2).sum(1)
+    fm = FunctionalModel(model, params, device=device)
+    computer = GradientComputer(fm, Objective())
+    x, y = data.tensors()
+    norms = []
+    with torch.no_grad():
+        for eg in computer.batches(x, y):
+            norms.append(sum(eg.grads[n].flatten(1).double().pow(2).sum(1) for n in fm.names).cpu())
+    return torch.cat(norms).numpy()
+
+
+def epoch_checkpoints(final: Path) -> list[Path]:
+    """The ``epoch-E.pt`` files beside a checkpoint, in epoch order (the checkpoint itself if there are none)."""
+    found = sorted(final.parent.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]) if p.stem.split("-")[1].isdigit() else 0)
+    return found or [final]
+
+
+@dataclass
+class AuditContext:
+    checkpoint: Checkpoint
+    train: ImageDataset
+    device: torch.device
+    engine_factory: Callable[[], InfluenceEngine]
+    tracin_space: str = "logits"
+    tracin_params: str = "all"
+    seed: int = 0
+    _probs: np.ndarray | None = field(default=None, repr=False)
+    _engine: InfluenceEngine | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.train.labels.numpy()
+
+    @property
+    def probs(self) -> np.ndarray:
+        if self._probs is None:
+            self._probs = predict_proba(self.checkpoint.model, self.train, self.device)
+        return self._probs
+
+    @property
+    def engine(self) -> InfluenceEngine:
+        if self._engine is None:
+            self._engine = self.engine_factory()
+        return self._engine
+
+
+def _self_influence(ctx: AuditContext) -> np.ndarray:
+    return ctx.engine.self_influence()
+
+
+def _tracin(ctx: AuditContext) -> np.ndarray:
+    paths = epoch_checkpoints(ctx.checkpoint.path)
+    if len(paths) == 1:
+        ctx.notes.append(f"tracin: no epoch-E.pt checkpoints beside {ctx.checkpoint.path}; used that checkpoint alone")
+    norms, lrs = [], []
+    for path in bar(paths, desc=f"tracin ({ctx.tracin_space})", unit="ckpt"):
+        ckpt = ctx.checkpoint if path == ctx.checkpoint.path else load_checkpoint(path, device=ctx.device)
+        if ckpt.meta.arch != ctx.checkpoint.meta.arch or ckpt.meta.num_classes != ctx.checkpoint.meta.num_classes:
+            raise UserError(f"{path} is not a checkpoint of the same model as {ctx.checkpoint.path}")
+        norms.append(squared_gradient_norms(ckpt.model, ctx.train, ctx.tracin_space, ctx.tracin_params, ctx.device))
+        lrs.append(float(ckpt.meta.optimizer.get("lr", 1.0)))
+    return tracin_score(np.stack(norms), np.array(lrs))
+
+
+SCORES: dict[str, Callable[[AuditContext], np.ndarray]] = {
+    "tracin": _tracin,
+    "self_influence": _self_influence,
+    "loss": lambda ctx: loss_score(ctx.probs, ctx.labels),
+    "margin": lambda ctx: margin_score(ctx.probs, ctx.labels),
+    "random": lambda ctx: random_score(len(ctx.train), ctx.seed),
+}
+DEFAULT_SCORE = "tracin"
+
+
+def check_score_names(names: list[str]) -> None:
+    unknown = [n for n in names if n not in SCORES]
+    if unknown:
+        raise UserError(f"unknown score {unknown[0]!r}: use one of {', '.join(SCORES)}")
+
+
+def relabel_self_influence(engine: InfluenceEngine, x: torch.Tensor, num_classes: int) -> np.ndarray:
+    """[m, K]: self-influence of each example if it carried each label c (to suggest the least surprising one)."""
+    whiten = getattr(engine.solver, "whiten", None)
+    out = np.empty((len(x), num_classes))
+    for c in range(num_classes):
+        G = engine.gradients((x, torch.full((len(x),), c, dtype=torch.long))).to(engine.device)
+        vals = whiten(engine.operator, G).double().pow(2).sum(1) if whiten else (engine.inverse_hvp(G).double() * G.double()).sum(1)
+        out[:, c] = vals.cpu().numpy()
+    return out
+
+
+__all__ = ["SCORES", "DEFAULT_SCORE", "AuditContext", "loss_score", "margin_score", "tracin_score", "random_score",
+           "relabel_self_influence", "squared_gradient_norms", "epoch_checkpoints"]
