@@ -43,7 +43,13 @@ def _draw(ax, panel: Panel) -> None:
     ax.imshow(panel.image, cmap="gray" if panel.image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
     if panel.overlay is not None:
         m = float(np.abs(panel.overlay).max()) or 1.0
-        ax.imshow(panel.overlay, cmap="bwr", vmin=-m, vmax=m, alpha=0.55, interpolation="nearest")
+        if panel.overlay.min() >= 0:  # importance: red, opaque where important, the image visible elsewhere
+            rgba = np.zeros((*panel.overlay.shape, 4))
+            rgba[..., 0] = 1.0
+            rgba[..., 3] = 0.85 * np.sqrt(panel.overlay / m)
+            ax.imshow(rgba, interpolation="nearest")
+        else:  # signed maps: red positive, blue negative
+            ax.imshow(panel.overlay, cmap="bwr", vmin=-m, vmax=m, alpha=0.55, interpolation="nearest")
     for box, colour in ((panel.box, "lime"), (panel.box2, "yellow")):
         if box is not None:
             x0, y0, x1, y1 = box

@@ -1,0 +1,98 @@
+"""Distributional influence of internal units (Leino et al. 2018, "Influence-directed explanations").
+
+A *slice* is a named layer with activations z; a *quantity of interest* (QoI) q is a function of the model's
+outputs — a class logit, a comparative logit difference, or any :class:`~trainfluence.saliency.targets.Target`;
+a *distribution of interest* (DoI) P is a set of inputs — one instance, the images of a class, or the points of a
+straight path from a baseline to x.  The influence of unit j is
+
+    χⱼ = E_{x∼P} [ ∂q/∂zⱼ (x) ],
+
+an array shaped like the layer's activation of one example ([C, H, W] for a convolution).  Units are ranked by
+channel: the mean or the max of χ over positions.  For a path DoI, χ ⊙ (z(x) − z(x′)) is integrated gradients
+at the slice.  A unit is shown by the input saliency of its activation (gradient of its mean over positions).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .saliency.base import evaluating
+from .saliency.integrated import quadrature
+from .saliency.targets import Target, capture
+
+
+def layer_gradients(model: nn.Module, layer: str, x: torch.Tensor, qoi: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations z of ``layer`` and ∂q/∂z for a batch (one QoI value per example)."""
+    with torch.enable_grad(), capture(model, layer) as store:
+        values = qoi(model, x.detach())
+        acts = store["out"]
+        (grads,) = torch.autograd.grad(values.sum(), acts)
+    return acts.detach(), grads.detach()
+
+
+def distributional_influence(model: nn.Module, layer: str, doi: torch.Tensor, qoi: Target, *,
+                             batch_size: int = 256) -> torch.Tensor:
+    """χ = mean over the DoI of ∂q/∂z, shaped like one example's activation of ``layer``."""
+    if len(doi) == 0:
+        raise UserError("the distribution of interest is empty")
+    total = None
+    with evaluating(model):
+        for start in range(0, len(doi), batch_size):
+            idx = torch.arange(start, min(len(doi), start + batch_size))
+            _, grads = layer_gradients(model, layer, doi[idx], qoi.select(idx))
+            s = grads.sum(0)
+            total = s if total is None else total + s
+    assert total is not None
+    return total / len(doi)
+
+
+def path_doi(x: torch.Tensor, baseline: torch.Tensor, steps: int = 32) -> torch.Tensor:
+    """Midpoint-rule points of the straight line from ``baseline`` to ``x`` (one example [C, H, W])."""
+    alphas, _ = quadrature(steps, "midpoint")
+    a = torch.as_tensor(alphas, dtype=x.dtype).view(-1, *[1] * x.dim())
+    return baseline.unsqueeze(0) + a * (x - baseline).unsqueeze(0)
+
+
+def unit_scores(influence: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """One influence per channel: the mean or the max over positions (a fully connected layer: itself)."""
+    if influence.dim() == 1:
+        return influence
+    flat = influence.reshape(influence.shape[0], -1)
+    if how == "mean":
+        return flat.mean(1)
+    if how == "max":
+        return flat.max(1).values
+    raise UserError(f"unknown unit aggregation {how!r}: use mean or max")
+
+
+def top_units(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k most positively influential units (stable for ties)."""
+    order = np.argsort(-scores.detach().cpu().numpy(), kind="stable")
+    return torch.as_tensor(order[: min(k, len(order))].copy())
+
+
+def unit_saliency(model: nn.Module, layer: str, x: torch.Tensor, units: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """∂/∂x of Σ_u w_u · mean_positions(z_u(x)): the input saliency of units (weights default 1)."""
+    w = torch.ones(len(units)) if weights is None else weights
+
+    class UnitsTarget(Target):
+        def __call__(self, m: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+            with capture(m, layer) as store:
+                m(inp)
+            act = store["out"][:, units.to(inp.device)]
+            return (act.reshape(len(inp), len(units), -1).mean(2) * w.to(act)).sum(1)
+
+    from .saliency.base import input_gradient
+
+    with evaluating(model):
+        grad, _ = input_gradient(model, x, UnitsTarget())
+    return grad
+
+
+QoIFactory = Callable[[torch.Tensor], Target]
