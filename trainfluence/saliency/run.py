@@ -42,7 +42,7 @@ def resolve_target(target: Target | str, model: nn.Module, x: torch.Tensor, y: t
 
 def run_saliency(model: nn.Module, data: ImageDataset, indices: list[int], methods: list[str], target: Target | str,
                  out: Path, *, topk: int = 100, evaluate: bool = False, eval_size: int = 200,
-                 settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                 randomization_images: int = 16, settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     settings = {**DEFAULT_SETTINGS, **(settings or {})}
     out.mkdir(parents=True, exist_ok=True)
     x, y = data.tensors(indices)
@@ -83,7 +83,7 @@ def run_saliency(model: nn.Module, data: ImageDataset, indices: list[int], metho
         xe, _ = data.tensors(np.arange(n))
         boxes = data.boxes[:n] if data.boxes is not None else None
         report["evaluation"] = {"images": n, "results": evaluate_methods(model, xe, boxes, methods, settings)}
-        report["randomization"] = randomization_check(model, xe[: min(16, n)], methods, settings)
+        report["randomization"] = randomization_check(model, xe[: min(randomization_images, n)], methods, settings)
     write_json(out / "saliency.json", report)
     _html(report, out)
     return report
