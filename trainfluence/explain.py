@@ -32,8 +32,10 @@ def _entry(dataset: ImageDataset, index: int, score: float | None = None) -> dic
 
 
 def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, indices: list[int], k: int,
-            out: Path) -> dict[str, Any]:
-    """Top-k helpful and harmful training images for each test index; writes JSON, PNGs and HTML into ``out``."""
+            out: Path, *, pixels: bool = False) -> dict[str, Any]:
+    """Top-k helpful and harmful training images for each test index; writes JSON, PNGs and HTML into ``out``.
+    With ``pixels``, each shown training image also gets its I_pert,loss map (which of its pixels, if changed,
+    would move the test loss most), drawn beside it."""
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -55,29 +57,48 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
             "harmful": [_entry(train, int(i), s) for i, s in zip(top.harmful_index[row], top.harmful_score[row])],
             "figure": f"explain-{t}.png",
         }
-        _figure(item, train, test, out / item["figure"])
+        maps = None
+        if pixels:
+            t0 = time.perf_counter()
+            shown = [e["index"] for e in item["helpful"] + item["harmful"]]
+            pert = engine.pixel_influence((x, y), shown, test_row=row).sum(1).cpu()  # summed over channels
+            maps = dict(zip(shown, pert.numpy()))
+            timings["pixel_influence_s"] = timings.get("pixel_influence_s", 0.0) + time.perf_counter() - t0
+            for e in item["helpful"] + item["harmful"]:
+                e["pixel_influence_abs_sum"] = float(np.abs(maps[e["index"]]).sum())
+        _figure(item, train, test, out / item["figure"], maps)
         results.append(item)
     report = {"settings": engine.settings(), "store": str(engine.store.root if engine.store else ""),
               "sign": "I_up,loss: negative = helpful (upweighting lowers the test loss), positive = harmful",
-              "k": k, "timings": timings, "explanations": results}
+              "k": k, "pixels": pixels, "timings": timings, "explanations": results}
     write_json(out / "influence.json", report)
     _html(report, out)
     return report
 
 
-def _figure(item: dict[str, Any], train: ImageDataset, test: ImageDataset, path: Path) -> None:
+def _figure(item: dict[str, Any], train: ImageDataset, test: ImageDataset, path: Path,
+            maps: dict[int, np.ndarray] | None = None) -> None:
     t = item["test"]
     head = [Panel(to_display(test.images[t["index"]]), f"test #{t['index']}\n{t['label_name']} → {t['prediction_name']}",
                   color="green" if t["label"] == t["prediction"] else "red")]
-    rows = [head]
+    rows, labels = [head], ["test"]
     for kind, colour in (("helpful", "green"), ("harmful", "red")):
         rows.append([Panel(to_display(train.images[e["index"]]), f"#{e['index']} {e['label_name']}\n{e['score']:.3g}",
                            color=colour) for e in item[kind]])
-    panel_grid(rows, path, row_labels=["test", "helpful", "harmful"])
+        labels.append(kind)
+        if maps is not None:
+            rows.append([Panel(to_display(train.images[e["index"]]) * 0.6 + 0.2, "I_pert,loss", overlay=maps[e["index"]])
+                         for e in item[kind]])
+            labels.append(f"{kind} pixels")
+    title = "red pixels: brightening them raises the test loss; blue: lowers it" if maps is not None else None
+    panel_grid(rows, path, row_labels=labels, title=title)
 
 
 def _html(report: dict[str, Any], out: Path) -> None:
     parts = ["<h1>Which training images made the model predict this?</h1>",
+             "<p class='muted'>With --pixels: under each training image, its I_pert,loss map — how moving each of "
+             "its pixels would change this test loss (red: brighter raises it, blue: lowers it).</p>"
+             if report.get("pixels") else "",
              f"<p class='muted'>{html.esc(report['sign'])}. Solver {html.esc(report['settings']['solver'])}, "
              f"damping {html.esc(report['settings']['damping'])}.</p>"]
     for item in report["explanations"]:

@@ -8,6 +8,8 @@ Definitions (model in eval mode, selected parameters θ, checkpoint θ̂):
         positive: upweighting z raises the test loss (harmful); negative: helpful.
         Removing z changes the test loss by about −I_up,loss(z, z_test) / n.
     I_up,params(z) = −H⁻¹ ∇ℓ(z)                      (dθ̂/dε when z's weight grows by ε)
+    I_pert,loss(z, z_test) = −∇ℓ(z_test)ᵀ H⁻¹ ∇ₓ∇_θ ℓ(z) = −∇ₓ ⟨s_test, ∇_θ ℓ(z)⟩, a map over z's pixels:
+        moving z's image by δ changes the test loss by about ⟨I_pert,loss, δ⟩ / n.
     self-influence(z) = ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z)  (≥ 0 when H is positive definite)
 
 With a projected store the scores are −⟨P s_test, P ∇ℓ(z)⟩ ≈ I_up,loss (inner products preserved in expectation).
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.func import grad, jvp, vmap
 
 from .checkpoint import load_checkpoint
 from .data.source import ExampleSource, as_source
@@ -201,6 +204,28 @@ class InfluenceEngine:
         """I_up,params(z) = −H⁻¹∇ℓ(z) for the given training examples, [m, p]."""
         x, y = self.source.tensors(np.atleast_1d(np.asarray(train_indices)))
         return -self.inverse_hvp(self.gradients((x, y)))
+
+    def pixel_influence(self, test: Any, train_indices: Any, *, test_row: int = 0) -> torch.Tensor:
+        """I_pert,loss of the given training images for one test point (row ``test_row`` of ``test``), shaped
+        like the images.  One Jacobian-vector product per image: ⟨s, ∇_θℓ(x, θ)⟩ is the derivative of ℓ along
+        θ + εs, so ∇ₓ of it is the forward-mode derivative (direction s) of ∇ₓℓ; s_test is reused, not re-solved."""
+        s = self.s_test(test)[test_row].to(self.device)
+        x, y = self.source.tensors(np.atleast_1d(np.asarray(train_indices)), self.device)
+        fm, obj, theta = self.fm, self.objective, self.fm.flat_params()
+        x = x.to(fm.dtype)
+
+        def input_grad(th: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            def loss(inp: torch.Tensor) -> torch.Tensor:
+                out = obj.outputs(lambda z: fm(fm.unflatten(th), z), inp.unsqueeze(0))
+                return obj.loss(out, yi.unsqueeze(0)).squeeze(0)
+
+            return grad(loss)(xi)
+
+        def one(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda th: input_grad(th, xi, yi), (theta,), (s.to(theta),))[1]
+
+        with torch.no_grad():
+            return -vmap(one)(x, y)
 
     def self_influence(self, indices: Any = None, *, chunk: int = 256) -> np.ndarray:
         """∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) for every training example (or the given ones).

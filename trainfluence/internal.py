@@ -96,3 +96,62 @@ def unit_saliency(model: nn.Module, layer: str, x: torch.Tensor, units: torch.Te
 
 
 QoIFactory = Callable[[torch.Tensor], Target]
+
+
+# ---- class essence: keep only the most influential units -----------------------------------------------------
+def keep_units(model: nn.Module, layer: str, keep: torch.Tensor):
+    """A context manager zeroing every channel of ``layer`` except ``keep`` (a boolean mask over channels)."""
+    from .saliency.targets import named_module
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        def hook(_m, _inp, out):
+            shape = (1, -1) + (1,) * (out.dim() - 2)
+            return out * keep.to(out).view(shape)
+
+        handle = named_module(model, layer).register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return ctx()
+
+
+def binary_separation(logits: torch.Tensor, labels: torch.Tensor, cls: int) -> dict[str, float]:
+    """Class ``cls`` against the rest: the accuracy of the model's own decision (argmax = cls or not), and the
+    ROC AUC of the class's logit alone (how much evidence for the class the kept units still carry)."""
+    from .audit.metrics import roc_auc
+
+    truth = (labels == cls).cpu().numpy()
+    decided = (logits.argmax(1) == cls).cpu().numpy()
+    return {"accuracy": float((decided == truth).mean()), "auc": roc_auc(logits[:, cls].cpu().numpy(), truth)}
+
+
+@torch.no_grad()
+def class_essence(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, cls: int, ranking: torch.Tensor,
+                  ks: list[int], *, random_draws: int = 5, seed: int = 0, batch_size: int = 512) -> dict[str, list]:
+    """Binary accuracy/AUC of class ``cls`` vs the rest when only the top-k units of ``ranking`` are kept,
+    for each k, beside the mean over ``random_draws`` sets of k random units."""
+    channels = len(ranking)
+    gen = torch.Generator().manual_seed(seed)
+
+    def evaluate(keep: torch.Tensor) -> dict[str, float]:
+        with evaluating(model), keep_units(model, layer, keep):
+            logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        return binary_separation(logits, y, cls)
+
+    rows: dict[str, list] = {"k": [], "top_accuracy": [], "top_auc": [], "random_accuracy": [], "random_auc": []}
+    for k in ks:
+        keep = torch.zeros(channels, dtype=torch.bool)
+        keep[ranking[:k]] = True
+        top = evaluate(keep)
+        rand = [evaluate(torch.zeros(channels, dtype=torch.bool).index_fill_(0, torch.randperm(channels, generator=gen)[:k], True))
+                for _ in range(random_draws)]
+        rows["k"].append(k)
+        rows["top_accuracy"].append(top["accuracy"])
+        rows["top_auc"].append(top["auc"])
+        rows["random_accuracy"].append(float(np.mean([r["accuracy"] for r in rand])))
+        rows["random_auc"].append(float(np.nanmean([r["auc"] for r in rand])))
+    return rows

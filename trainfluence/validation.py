@@ -48,7 +48,7 @@ def refit(fm: FunctionalModel, objective: Objective, data: Any, *, weights: torc
     return {n: t.detach() for n, t in zip(fm.names, theta)}
 
 
-def test_losses(fm: FunctionalModel, objective: Objective, params: Params, test: Any) -> np.ndarray:
+def example_losses(fm: FunctionalModel, objective: Objective, params: Params, test: Any) -> np.ndarray:
     x, y = as_source(test).tensors()
     with torch.no_grad():
         out = objective.outputs(lambda inp: fm(params, inp), x.to(fm.device))
@@ -59,11 +59,11 @@ def leave_one_out(fm: FunctionalModel, objective: Objective, train: Any, test: A
                   **refit_args: Any) -> np.ndarray:
     """Actual change of each test loss when each training example in ``indices`` is removed: [len(indices), m]."""
     source = as_source(train)
-    base = test_losses(fm, objective, fm.params, test)
+    base = example_losses(fm, objective, fm.params, test)
     out = []
     for i in indices:
         w = torch.ones(len(source))
         w[int(i)] = 0.0
         params = refit(fm, objective, source, weights=w, **refit_args)
-        out.append(test_losses(fm, objective, params, test) - base)
+        out.append(example_losses(fm, objective, params, test) - base)
     return np.array(out)

@@ -10,9 +10,9 @@ import sys
 from typing import Sequence
 
 from ..errors import UserError
-from . import audit_cmd, cache_cmd, demo_cmd, evaluate_cmd, explain_cmd, saliency_cmd, train_cmd
+from . import audit_cmd, cache_cmd, demo_cmd, evaluate_cmd, explain_cmd, internal_cmd, saliency_cmd, train_cmd
 
-COMMANDS = [demo_cmd, train_cmd, evaluate_cmd, cache_cmd, explain_cmd, audit_cmd, saliency_cmd]
+COMMANDS = [demo_cmd, train_cmd, evaluate_cmd, cache_cmd, explain_cmd, audit_cmd, saliency_cmd, internal_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_data_args(p, from_checkpoint=True)
     p.add_argument("--test-index", type=int, nargs="+", required=True, metavar="I", help="test image(s) to explain")
     p.add_argument("--k", type=int, default=10, help="how many helpful and harmful training images (default 10)")
+    p.add_argument("--pixels", action="store_true", help="also draw each shown training image's I_pert,loss pixel map")
     p.add_argument("--out", default="runs/explain", help="output folder (default runs/explain)")
     add_influence_args(p, solver="exact", damping=0.01, params="last", hessian_samples=None)
     add_device_arg(p)
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--test-index {bad[0]} is out of range: the test split has {len(test)} images (0..{len(test) - 1})")
     out = prepare_out(args.out)
     engine = engine_from_args(args, ckpt, train, device)
-    report = explain(engine, train, test, args.test_index, min(args.k, len(train)), out)
+    report = explain(engine, train, test, args.test_index, min(args.k, len(train)), out, pixels=args.pixels)
     for item in report["explanations"]:
         t = item["test"]
         print(f"test #{t['index']} ({t['label_name']}, predicted {t['prediction_name']} {t['probability']:.2f}):")

@@ -30,7 +30,8 @@ class TensorSource:
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
         if len(inputs) != len(labels):
             raise UserError(f"inputs and labels differ in length: {len(inputs)} vs {len(labels)}")
-        self.inputs, self.labels = inputs.float(), labels.long().reshape(-1)
+        self.inputs = inputs if inputs.is_floating_point() else inputs.float()
+        self.labels = labels.long().reshape(-1)
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..internal import distributional_influence, top_units, unit_saliency, unit_scores
 from .base import Attribution, evaluating
 from .gradcam import grad_cam
 from .gradient import grad_x_input, gradient
@@ -32,6 +31,7 @@ def internal_influence(model: nn.Module, x: torch.Tensor, target: Target, *, lay
                        distribution: torch.Tensor | None = None, how: str = "mean") -> Attribution:
     """Input saliency of the ``top`` units of ``layer`` most influential for the target over ``distribution``
     (default: the batch itself), each weighted by its influence (Leino et al. 2018)."""
+    from ..internal import distributional_influence, top_units, unit_saliency, unit_scores
     from .gradcam import last_conv
 
     layer = layer or last_conv(model)
