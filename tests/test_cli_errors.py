@@ -70,3 +70,23 @@ def test_process_exit_code_and_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "trainfluence", "train", "--dataset", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("trainfluence: error: unknown dataset spec") and "Traceback" not in proc.stderr
+
+
+def test_help_of_every_command(capsys):
+    from trainfluence.cli import COMMANDS, build_parser
+
+    import pytest as _pytest
+
+    with _pytest.raises(SystemExit) as top:
+        build_parser().parse_args(["--help"])
+    assert top.value.code == 0
+    listing = capsys.readouterr().out
+    parser = build_parser()
+    names = [a for a in parser._subparsers._group_actions[0].choices]  # type: ignore[union-attr]
+    assert len(names) == len(COMMANDS) >= 8
+    for name in names:
+        assert name in listing
+        with _pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([name, "--help"])
+        assert exc.value.code == 0
+        assert "usage: trainfluence " + name in capsys.readouterr().out

@@ -9,7 +9,7 @@ from ..demo import DemoSettings, run_demo
 from ..device import resolve_device
 from .common import add_device_arg, prepare_out
 
-HELP = "run the whole pipeline on the embedded shapes data (10% planted label noise) and write one HTML report"
+HELP = "run the whole pipeline on the embedded shapes data (10%% planted label noise) and write one HTML report"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
