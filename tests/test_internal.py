@@ -76,7 +76,7 @@ def test_pixel_influence_predicts_refit_on_small_cnn(tmp_path):
         delta = delta.view_as(pert)
         moved = x.clone()
         moved[z] += delta
-        params = refit(fm, obj, TensorSource(moved, y))
+        params = refit(fm, obj, TensorSource(moved, y), max_iter=200)
         actual.append(example_losses(fm, obj, params, (xt, yt))[0] - base)
         predicted.append(float((pert * delta).sum()) / len(y))
     predicted, actual = np.array(predicted), np.array(actual)
