@@ -125,6 +125,16 @@ def test_comparative_qoi_is_difference(shapes_run):
     assert s.shape == (64,)
 
 
+def test_threshold_accuracy_is_cross_fitted():
+    from trainfluence.internal import threshold_accuracy
+
+    # separable: every threshold fitted on one half separates the other half
+    score = np.array([0.1, 0.9, 0.8, 0.2, 0.3, 0.7, 0.6, 0.4])
+    assert threshold_accuracy(score, score > 0.5) == 1.0
+    # even positions all negative, odd all positive: each half fits "always no" / "always yes", wrong on the other
+    assert threshold_accuracy(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0, 1, 0, 1], bool)) == 0.0
+
+
 def test_class_essence_with_all_units_is_the_model(shapes_run):
     from trainfluence.checkpoint import load_checkpoint
 
@@ -135,6 +145,7 @@ def test_class_essence_with_all_units_is_the_model(shapes_run):
     with torch.no_grad():
         full = binary_separation(model(x), y, 2)
     assert rows["top_accuracy"][-1] == full["accuracy"] and rows["top_auc"][-1] == pytest.approx(full["auc"])
+    assert rows["top_argmax_accuracy"][-1] == full["argmax_accuracy"]
     # averaged over the classes, the 4 most influential units carry more of their class than 4 random ones
     # (not for every class: BENCHMARKS.md lists the curves)
     top, rnd = [], []

@@ -119,20 +119,37 @@ def keep_units(model: nn.Module, layer: str, keep: torch.Tensor):
     return ctx()
 
 
+def threshold_accuracy(score: np.ndarray, truth: np.ndarray) -> float:
+    """Accuracy of the rule ``score > t`` for ``truth``, with t fitted on one half of the examples (even / odd
+    positions) and measured on the other, averaged over the two ways round (no threshold sees its own test)."""
+    def best_threshold(s: np.ndarray, t: np.ndarray) -> float:
+        u = np.unique(s)
+        cands = np.concatenate([[-np.inf], (u[:-1] + u[1:]) / 2, [np.inf]])
+        return float(cands[np.argmax(((s[None, :] > cands[:, None]) == t[None, :]).mean(1))])
+
+    even = np.arange(len(score)) % 2 == 0
+    return float(np.mean([((score[~h] > best_threshold(score[h], truth[h])) == truth[~h]).mean() for h in (even, ~even)]))
+
+
 def binary_separation(logits: torch.Tensor, labels: torch.Tensor, cls: int) -> dict[str, float]:
-    """Class ``cls`` against the rest: the accuracy of the model's own decision (argmax = cls or not), and the
-    ROC AUC of the class's logit alone (how much evidence for the class the kept units still carry)."""
+    """Class ``cls`` against the rest, from the class's logit alone (how much evidence for the class the kept
+    units still carry): binary accuracy of a threshold on it (:func:`threshold_accuracy`) and its ROC AUC; beside
+    them the accuracy of the model's own decision (argmax = cls or not), which masking units can make degenerate
+    (keeping only the units that favour a class makes that class win everywhere)."""
     from .audit.metrics import roc_auc
 
     truth = (labels == cls).cpu().numpy()
+    score = logits[:, cls].double().cpu().numpy()
     decided = (logits.argmax(1) == cls).cpu().numpy()
-    return {"accuracy": float((decided == truth).mean()), "auc": roc_auc(logits[:, cls].cpu().numpy(), truth)}
+    return {"accuracy": threshold_accuracy(score, truth), "auc": roc_auc(score, truth),
+            "argmax_accuracy": float((decided == truth).mean())}
 
 
 @torch.no_grad()
 def class_essence(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, cls: int, ranking: torch.Tensor,
                   ks: list[int], *, random_draws: int = 5, seed: int = 0, batch_size: int = 512) -> dict[str, list]:
-    """Binary accuracy/AUC of class ``cls`` vs the rest when only the top-k units of ``ranking`` are kept,
+    """Binary accuracy/AUC of class ``cls`` vs the rest (:func:`binary_separation`) when only the top-k units of
+    ``ranking`` are kept,
     for each k, beside the mean over ``random_draws`` sets of k random units."""
     channels = len(ranking)
     gen = torch.Generator().manual_seed(seed)
@@ -142,7 +159,8 @@ def class_essence(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor
             logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
         return binary_separation(logits, y, cls)
 
-    rows: dict[str, list] = {"k": [], "top_accuracy": [], "top_auc": [], "random_accuracy": [], "random_auc": []}
+    rows: dict[str, list] = {"k": [], "top_accuracy": [], "top_auc": [], "top_argmax_accuracy": [], "random_accuracy": [],
+                             "random_auc": []}
     for k in ks:
         keep = torch.zeros(channels, dtype=torch.bool)
         keep[ranking[:k]] = True
@@ -152,6 +170,7 @@ def class_essence(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor
         rows["k"].append(k)
         rows["top_accuracy"].append(top["accuracy"])
         rows["top_auc"].append(top["auc"])
+        rows["top_argmax_accuracy"].append(top["argmax_accuracy"])
         rows["random_accuracy"].append(float(np.mean([r["accuracy"] for r in rand])))
         rows["random_auc"].append(float(np.nanmean([r["auc"] for r in rand])))
     return rows

@@ -103,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"top units of {args.layer} for {report['class']}" + (f" vs {args.versus}" if args.versus else "") + ": " +
           ", ".join(f"{t['unit']} ({t['influence_mean']:.3g})" for t in report["top_units"]))
     e = essence[report["class"]]
-    print("class essence (k: top-k accuracy / random-k accuracy): " +
-          ", ".join(f"{k}: {a:.3f}/{r:.3f}" for k, a, r in zip(e["k"], e["top_accuracy"], e["random_accuracy"])))
+    print(f"class essence of {report['class']} vs the rest (k: AUC top-k / random k, binary accuracy top-k / random k): " +
+          ", ".join(f"{k}: {au:.3f}/{ru:.3f}, {a:.3f}/{r:.3f}" for k, au, ru, a, r in
+                    zip(e["k"], e["top_auc"], e["random_auc"], e["top_accuracy"], e["random_accuracy"])))
     print(f"wrote {out / 'internal.json'}, top_units.png, class_essence.png and index.html")
     return 0
 
@@ -137,12 +138,15 @@ def _html(report: dict, out: Path) -> None:
                         [[t["unit"], t["influence_mean"], t["influence_max"]] for t in report["top_units"]]),
              html.img("top_units.png", "input saliency of the top units", "figure"),
              "<h2>Class essence</h2><p class='muted'>Only the top-k units kept (the rest zeroed): how well does "
-             "the model still tell the class from the others? Accuracy: of its own decision (argmax is the class or "
-             "not); AUC: of the class's logit alone, over all thresholds.</p>",
+             "the model still tell the class from the others, from the class's logit alone? AUC over all thresholds; "
+             "binary accuracy of one threshold fitted on half the images and measured on the other half; the model's "
+             "own argmax decision (which keeping only a class's units tends to turn into that class everywhere).</p>",
              html.img("class_essence.png", "class essence curves", "figure")]
     e = report["class_essence"][report["class"]]
-    parts.append(html.table(["k", "accuracy (top-k)", "accuracy (random k)", "AUC (top-k)", "AUC (random k)"],
-                            list(zip(e["k"], e["top_accuracy"], e["random_accuracy"], e["top_auc"], e["random_auc"]))))
+    parts.append(html.table(["k", "AUC (top-k)", "AUC (random k)", "accuracy (top-k)", "accuracy (random k)",
+                             "argmax accuracy (top-k)"],
+                            list(zip(e["k"], e["top_auc"], e["random_auc"], e["top_accuracy"], e["random_accuracy"],
+                                     e["top_argmax_accuracy"]))))
     html.write_page(out / "index.html", "trainfluence internal", "\n".join(parts))
 
 
