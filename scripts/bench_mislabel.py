@@ -51,16 +51,34 @@ def cross_validated_probs(train_set, cfg: TrainConfig, folds: int, work: Path, s
     return probs
 
 
-def run_one(args, epochs: int, seed: int, work: Path) -> dict[str, dict[str, float]]:
+def run_weights(args, epochs: int, seed: int, work: Path) -> dict:
+    """The ``--weights-study``: TracIn (logits) with ηₜ weights vs uniform weights vs the final loss, same model."""
+    train_set, flipped, ckpt, fit = _trained(args, epochs, seed, work)
+    ctx = AuditContext(ckpt, train_set, torch.device("cpu"), lambda: None, seed=seed)
+    results = {"tracin (logits), ηₜ weights (default)": all_metrics(SCORES["tracin"](ctx), flipped)}
+    ctx.tracin_weights = "uniform"
+    results["tracin (logits), uniform weights"] = all_metrics(SCORES["tracin"](ctx), flipped)
+    results["loss"] = all_metrics(SCORES["loss"](ctx), flipped)
+    for k, v in results.items():
+        print(f"epochs {epochs} seed {seed}  {k:40s} recall@10% {v['recall_at_10pct']:.4f}  AUC {v['roc_auc']:.4f}", flush=True)
+    return {"metrics": results, "timing": {}, "test_accuracy": fit["test_accuracy"], "train_accuracy": fit["train_accuracy"]}
+
+
+def _trained(args, epochs: int, seed: int, work: Path):
     cfg = DataConfig("mnist", data_root=args.data_root, train_size=args.train_size, test_size=2000,
                      label_noise=0.1, noise_seed=seed)
     train_set, test_set = load_dataset(cfg, "train"), load_dataset(cfg, "test")
     flipped = (train_set.labels != train_set.clean_labels).numpy()
+    run_dir = work / f"e{epochs}-s{seed}"
+    fit = train(TrainConfig(epochs=epochs, seed=seed), train_set, test_set, run_dir, progress=False)
+    return train_set, flipped, load_checkpoint(run_dir / "final.pt"), fit
+
+
+def run_one(args, epochs: int, seed: int, work: Path) -> dict[str, dict[str, float]]:
+    t0 = time.perf_counter()
+    train_set, flipped, ckpt, fit = _trained(args, epochs, seed, work)
     tcfg = TrainConfig(epochs=epochs, seed=seed)
     run_dir = work / f"e{epochs}-s{seed}"
-    t0 = time.perf_counter()
-    fit = train(tcfg, train_set, test_set, run_dir, progress=False)
-    ckpt = load_checkpoint(run_dir / "final.pt")
     results: dict[str, dict[str, float]] = {}
     timing = {"train_s": time.perf_counter() - t0}
 
@@ -103,10 +121,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--skip-cleanlab", action="store_true")
-    ap.add_argument("--json", default="runs/bench_mislabel.json")
+    ap.add_argument("--weights-study", action="store_true",
+                    help="only compare TracIn's checkpoint weights (ηₜ vs uniform) and the loss; own section")
+    ap.add_argument("--json", default=None, help="raw results (default runs/bench_mislabel[_weights].json)")
     args = ap.parse_args()
+    args.json = args.json or f"runs/bench_mislabel{'_weights' if args.weights_study else ''}.json"
     work = Path(tempfile.mkdtemp(prefix="bench_mislabel_"))
-    raw = {e: [run_one(args, e, s, work) for s in args.seeds] for e in args.epochs}
+    run = run_weights if args.weights_study else run_one
+    raw = {e: [run(args, e, s, work) for s in args.seeds] for e in args.epochs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(raw, indent=1))
 
@@ -128,6 +150,14 @@ def main() -> None:
             t = np.mean([r["timing"].get(name, r["timing"].get("cleanlab (incl. CV training)", 0.0)) for r in runs])
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {t:.0f} |")
         sections.append("\n".join(lines))
+    if args.weights_study:
+        body = (f"### TracIn's checkpoint weights: MNIST first {args.train_size:,} training images, 10% flipped\n\n"
+                "TracIn (logits) weighting each epoch checkpoint by its mean learning rate ηₜ (Pruthi et al.) or "
+                "equally, beside the final loss, on the same models as the section above (same seeds).\n\n"
+                + "\n\n".join(sections))
+        print(body)
+        update_section("mislabel_weights", body)
+        return
     body = (f"### Mislabel detection: MNIST first {args.train_size:,} training images, 10% flipped, default CNN\n\n"
             "Every score computed on the same trained model in the same run; cleanlab gets out-of-fold probabilities "
             f"from {args.folds} extra trainings with the same settings. Last column: seconds to compute the score.\n\n"

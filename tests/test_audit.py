@@ -29,6 +29,22 @@ def test_numpy_scores():
     np.testing.assert_allclose(tracin_score(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([0.5, 0.1])), [0.8, 1.4])
 
 
+def test_tracin_weights_by_hand(shapes_run):
+    """tracin (logits) = Σₜ wₜ ‖softmax(fₜ(x)) − onehot(y)‖² over the epoch checkpoints, wₜ = ηₜ or 1."""
+    from trainfluence.audit.scores import SCORES, AuditContext, epoch_checkpoints, predict_proba
+
+    ckpt, train = load_checkpoint(shapes_run["checkpoint"]), shapes_run["train"]
+    paths = epoch_checkpoints(ckpt.path)
+    assert len(paths) == 5
+    onehot = np.eye(len(train.classes))[train.labels.numpy()]
+    norms = np.stack([((predict_proba(load_checkpoint(p).model, train, "cpu") - onehot) ** 2).sum(1) for p in paths])
+    lrs = np.array([load_checkpoint(p).meta.optimizer["lr"] for p in paths])
+    ctx = AuditContext(ckpt, train, torch.device("cpu"), lambda: None)
+    np.testing.assert_allclose(SCORES["tracin"](ctx), lrs @ norms, rtol=1e-9)
+    ctx.tracin_weights = "uniform"
+    np.testing.assert_allclose(SCORES["tracin"](ctx), norms.sum(0), rtol=1e-9)
+
+
 @pytest.fixture(scope="module")
 def audited(shapes_run, tmp_path_factory):
     """Audit the shapes model with 10% of its training labels flipped (the model learnt the clean labels)."""

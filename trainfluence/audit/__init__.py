@@ -36,6 +36,7 @@ class AuditSettings:
     fix: int = 0  # relabel this many top suspects and retrain (0: skip)
     tracin_space: str = "logits"  # logits | params
     tracin_params: str = "all"
+    tracin_weights: str = "lr"  # lr (ηₜ per checkpoint) | uniform
     seed: int = 0
 
     def validate(self) -> None:
@@ -46,6 +47,8 @@ class AuditSettings:
                 self.scores.insert(0, self.rank_by)
         if self.tracin_space not in ("logits", "params"):
             raise UserError(f"unknown --tracin-space {self.tracin_space!r}: use logits or params")
+        if self.tracin_weights not in ("lr", "uniform"):
+            raise UserError(f"unknown --tracin-weights {self.tracin_weights!r}: use lr or uniform")
         if self.top < 1 or self.fix < 0 or self.detail < 0:
             raise UserError("--top must be positive and --fix, --detail non-negative")
 
@@ -59,7 +62,8 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
     settings.validate()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    ctx = AuditContext(ckpt, train, device, engine_factory, settings.tracin_space, settings.tracin_params, settings.seed)
+    ctx = AuditContext(ckpt, train, device, engine_factory, settings.tracin_space, settings.tracin_params,
+                       settings.tracin_weights, settings.seed)
 
     t0 = time.perf_counter()
     probs = ctx.probs

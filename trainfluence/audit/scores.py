@@ -96,9 +96,11 @@ class AuditContext:
     engine_factory: Callable[[], InfluenceEngine]
     tracin_space: str = "logits"
     tracin_params: str = "all"
+    tracin_weights: str = "lr"  # lr: ηₜ, each epoch's mean learning rate (Pruthi et al.) | uniform: 1 per checkpoint
     seed: int = 0
     _probs: np.ndarray | None = field(default=None, repr=False)
     _engine: InfluenceEngine | None = field(default=None, repr=False)
+    _tracin_norms: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -123,17 +125,23 @@ def _self_influence(ctx: AuditContext) -> np.ndarray:
 
 
 def _tracin(ctx: AuditContext) -> np.ndarray:
-    paths = epoch_checkpoints(ctx.checkpoint.path)
-    if len(paths) == 1:
-        ctx.notes.append(f"tracin: no epoch-E.pt checkpoints beside {ctx.checkpoint.path}; used that checkpoint alone")
-    norms, lrs = [], []
-    for path in bar(paths, desc=f"tracin ({ctx.tracin_space})", unit="ckpt"):
-        ckpt = ctx.checkpoint if path == ctx.checkpoint.path else load_checkpoint(path, device=ctx.device)
-        if ckpt.meta.arch != ctx.checkpoint.meta.arch or ckpt.meta.num_classes != ctx.checkpoint.meta.num_classes:
-            raise UserError(f"{path} is not a checkpoint of the same model as {ctx.checkpoint.path}")
-        norms.append(squared_gradient_norms(ckpt.model, ctx.train, ctx.tracin_space, ctx.tracin_params, ctx.device))
-        lrs.append(float(ckpt.meta.optimizer.get("lr", 1.0)))
-    return tracin_score(np.stack(norms), np.array(lrs))
+    if ctx.tracin_weights not in ("lr", "uniform"):
+        raise UserError(f"unknown tracin weights {ctx.tracin_weights!r}: use lr or uniform")
+    key = (ctx.tracin_space, ctx.tracin_params)
+    if key not in ctx._tracin_norms:  # [T, n] squared norms and the T learning rates, computed once per context
+        paths = epoch_checkpoints(ctx.checkpoint.path)
+        if len(paths) == 1:
+            ctx.notes.append(f"tracin: no epoch-E.pt checkpoints beside {ctx.checkpoint.path}; used that checkpoint alone")
+        norms, lrs = [], []
+        for path in bar(paths, desc=f"tracin ({ctx.tracin_space})", unit="ckpt"):
+            ckpt = ctx.checkpoint if path == ctx.checkpoint.path else load_checkpoint(path, device=ctx.device)
+            if ckpt.meta.arch != ctx.checkpoint.meta.arch or ckpt.meta.num_classes != ctx.checkpoint.meta.num_classes:
+                raise UserError(f"{path} is not a checkpoint of the same model as {ctx.checkpoint.path}")
+            norms.append(squared_gradient_norms(ckpt.model, ctx.train, ctx.tracin_space, ctx.tracin_params, ctx.device))
+            lrs.append(float(ckpt.meta.optimizer.get("lr", 1.0)))
+        ctx._tracin_norms[key] = (np.stack(norms), np.array(lrs))
+    norms, lrs = ctx._tracin_norms[key]
+    return tracin_score(norms, lrs if ctx.tracin_weights == "lr" else np.ones_like(lrs))
 
 
 SCORES: dict[str, Callable[[AuditContext], np.ndarray]] = {

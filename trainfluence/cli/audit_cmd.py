@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracin-space", default=d.tracin_space, choices=["logits", "params"],
                    help="tracin gradient at the outputs (default) or over --tracin-params")
     p.add_argument("--tracin-params", default=d.tracin_params, help="parameters for --tracin-space params (default all)")
+    p.add_argument("--tracin-weights", default=d.tracin_weights, choices=["lr", "uniform"],
+                   help=f"weight of each epoch checkpoint in tracin: its mean learning rate or 1 (default {d.tracin_weights})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline and random fix choice")
     p.add_argument("--out", default="runs/audit", help="output folder (default runs/audit)")
     add_influence_args(p, solver="exact", damping=0.01, params="last", hessian_samples=None)
@@ -37,7 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = AuditSettings(scores=args.score or list(SCORES), rank_by=args.rank_by, top=args.top, detail=args.detail,
-                             fix=args.fix, tracin_space=args.tracin_space, tracin_params=args.tracin_params, seed=args.seed)
+                             fix=args.fix, tracin_space=args.tracin_space, tracin_params=args.tracin_params,
+                             tracin_weights=args.tracin_weights, seed=args.seed)
     settings.validate()
     ckpt, train, test, device = load_checkpoint_and_data(args)
     out = prepare_out(args.out)
