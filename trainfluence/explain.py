@@ -47,6 +47,7 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
     timings["s_test_and_search_s"] = time.perf_counter() - t0
     with torch.no_grad():
         probs = torch.softmax(engine.fm(engine.fm.params, x.to(engine.device)), 1).cpu()
+    s_all = engine.s_test((x, y)) if pixels else None  # solved once for every row's pixel maps
     results = []
     for row, t in enumerate(indices):
         pred = int(probs[row].argmax())
@@ -61,7 +62,7 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
         if pixels:
             t0 = time.perf_counter()
             shown = [e["index"] for e in item["helpful"] + item["harmful"]]
-            pert = engine.pixel_influence((x, y), shown, test_row=row).sum(1).cpu()  # summed over channels
+            pert = engine.pixel_influence((x, y), shown, s_test=s_all[row]).sum(1).cpu()  # summed over channels
             maps = dict(zip(shown, pert.numpy()))
             timings["pixel_influence_s"] = timings.get("pixel_influence_s", 0.0) + time.perf_counter() - t0
             for e in item["helpful"] + item["harmful"]:

@@ -205,11 +205,13 @@ class InfluenceEngine:
         x, y = self.source.tensors(np.atleast_1d(np.asarray(train_indices)))
         return -self.inverse_hvp(self.gradients((x, y)))
 
-    def pixel_influence(self, test: Any, train_indices: Any, *, test_row: int = 0) -> torch.Tensor:
+    def pixel_influence(self, test: Any, train_indices: Any, *, test_row: int = 0,
+                        s_test: torch.Tensor | None = None) -> torch.Tensor:
         """I_pert,loss of the given training images for one test point (row ``test_row`` of ``test``), shaped
         like the images.  One Jacobian-vector product per image: ⟨s, ∇_θℓ(x, θ)⟩ is the derivative of ℓ along
-        θ + εs, so ∇ₓ of it is the forward-mode derivative (direction s) of ∇ₓℓ; s_test is reused, not re-solved."""
-        s = self.s_test(test)[test_row].to(self.device)
+        θ + εs, so ∇ₓ of it is the forward-mode derivative (direction s) of ∇ₓℓ.  Pass ``s_test`` (that row's
+        vector) when it is already solved; otherwise it is solved (or read from the cache) here."""
+        s = (self.s_test(test)[test_row] if s_test is None else s_test).to(self.device)
         x, y = self.source.tensors(np.atleast_1d(np.asarray(train_indices)), self.device)
         fm, obj, theta = self.fm, self.objective, self.fm.flat_params()
         x = x.to(fm.dtype)

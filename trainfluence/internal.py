@@ -14,7 +14,8 @@ at the slice.  A unit is shown by the input saliency of its activation (gradient
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from .errors import UserError
 from .saliency.base import evaluating
 from .saliency.integrated import quadrature
-from .saliency.targets import Target, capture
+from .saliency.targets import Target, capture, named_module
 
 
 def layer_gradients(model: nn.Module, layer: str, x: torch.Tensor, qoi: Target) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,24 +100,17 @@ QoIFactory = Callable[[torch.Tensor], Target]
 
 
 # ---- class essence: keep only the most influential units -----------------------------------------------------
-def keep_units(model: nn.Module, layer: str, keep: torch.Tensor):
-    """A context manager zeroing every channel of ``layer`` except ``keep`` (a boolean mask over channels)."""
-    from .saliency.targets import named_module
-    import contextlib
+@contextlib.contextmanager
+def keep_units(model: nn.Module, layer: str, keep: torch.Tensor) -> Iterator[None]:
+    """Within the block, every channel of ``layer`` except ``keep`` (a boolean mask over channels) is zeroed."""
+    def hook(_m, _inp, out):
+        return out * keep.to(out).view((1, -1) + (1,) * (out.dim() - 2))
 
-    @contextlib.contextmanager
-    def ctx():
-        def hook(_m, _inp, out):
-            shape = (1, -1) + (1,) * (out.dim() - 2)
-            return out * keep.to(out).view(shape)
-
-        handle = named_module(model, layer).register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    return ctx()
+    handle = named_module(model, layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def threshold_accuracy(score: np.ndarray, truth: np.ndarray) -> float:
@@ -149,8 +143,7 @@ def binary_separation(logits: torch.Tensor, labels: torch.Tensor, cls: int) -> d
 def class_essence(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, cls: int, ranking: torch.Tensor,
                   ks: list[int], *, random_draws: int = 5, seed: int = 0, batch_size: int = 512) -> dict[str, list]:
     """Binary accuracy/AUC of class ``cls`` vs the rest (:func:`binary_separation`) when only the top-k units of
-    ``ranking`` are kept,
-    for each k, beside the mean over ``random_draws`` sets of k random units."""
+    ``ranking`` are kept, for each k, beside the mean over ``random_draws`` sets of k random units."""
     channels = len(ranking)
     gen = torch.Generator().manual_seed(seed)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -351,31 +350,21 @@ def build_store(
     done_examples = 0
     pbar = bar(total=sum(store.chunk_rows(c)[1] - store.chunk_rows(c)[0] for c in todo), desc="per-example gradients",
                unit="ex", disable=not todo)
-    # One writer thread: chunk c is converted, written, flushed and checksummed while chunk c+1 is computed (numpy
-    # and hashlib release the GIL). At most two chunks are in memory; a chunk's record is still written only after
-    # its rows are flushed, so a killed build resumes exactly as without the overlap.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
-        pending: Future | None = None
-        for count, c in enumerate(todo):
-            if stop_after_chunks is not None and count >= stop_after_chunks:
-                break
-            start, stop = store.chunk_rows(c)
-            x, y = source.tensors(slice(start, stop))
-            parts, losses, preds = [], [], []
-            with torch.no_grad():
-                for eg in computer.batches(x, y):
-                    blocks = [eg.grads[name] for name in fm.names]
-                    flat = projector.project_blocks(blocks) if projector else fm.flatten(eg.grads)
-                    parts.append(flat.float().cpu())
-                    losses.append(eg.loss.cpu())
-                    preds.append(eg.pred.cpu())
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(store.write_chunk, c, torch.cat(parts).numpy(), torch.cat(losses).numpy(),
-                                    torch.cat(preds).numpy(), y.cpu().numpy())
-            done_examples += stop - start
-            pbar.update(stop - start)
-        if pending is not None:
-            pending.result()
+    for count, c in enumerate(todo):
+        if stop_after_chunks is not None and count >= stop_after_chunks:
+            break
+        start, stop = store.chunk_rows(c)
+        x, y = source.tensors(slice(start, stop))
+        parts, losses, preds = [], [], []
+        with torch.no_grad():
+            for eg in computer.batches(x, y):
+                blocks = [eg.grads[name] for name in fm.names]
+                flat = projector.project_blocks(blocks) if projector else fm.flatten(eg.grads)
+                parts.append(flat.float().cpu())
+                losses.append(eg.loss.cpu())
+                preds.append(eg.pred.cpu())
+        store.write_chunk(c, torch.cat(parts).numpy(), torch.cat(losses).numpy(), torch.cat(preds).numpy(), y.cpu().numpy())
+        done_examples += stop - start
+        pbar.update(stop - start)
     pbar.close()
     return BuildReport(store, len(todo), rebuilt, time.perf_counter() - started, done_examples)
