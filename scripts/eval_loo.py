@@ -5,8 +5,10 @@ Parts (``--part``, default all):
           training image on a few test points, then actual retraining without each of the top-|influence|
           images (warm-started L-BFGS from the optimum); Pearson and Spearman of predicted vs actual change of
           the test loss; scatter plot.
-  cnn     the default CNN on an MNIST subset, the same protocol (the model refined to a stationary point of the
-          regularised objective by full-batch L-BFGS first; retraining warm-started from it).
+  cnn     the default CNN on an MNIST subset (100 images by default), the same protocol: the model refined by
+          full-batch float64 L-BFGS (ReLU makes the objective non-smooth, so not to a stationary point), influence
+          with damping that makes H + λI definite, each removal retrained by a fixed number of warm-started L-BFGS
+          iterations and compared with a baseline retrained the same way with nothing removed.
   lissa   LiSSA's relative error against the exact solve vs depth (default CNN, last layer).
   timing  time per s_test for each solver, and for the self-influence of 10,000 MNIST images.
 
@@ -40,7 +42,7 @@ from trainfluence.influence import InfluenceEngine  # noqa: E402
 from trainfluence.models import build_model  # noqa: E402
 from trainfluence.objective import FunctionalModel, Objective  # noqa: E402
 from trainfluence.train import TrainConfig, train  # noqa: E402
-from trainfluence.validation import example_losses, leave_one_out, refit  # noqa: E402
+from trainfluence.validation import example_losses, leave_one_out, objective_value, refit  # noqa: E402
 
 
 def set_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
@@ -51,7 +53,7 @@ def set_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
 
 
 def loo_experiment(model, train_set, test_set, wd: float, damping: float, solver: str, solver_settings: dict,
-                   tests: int, top: int, work: Path, label: str, refit_iter: int) -> dict:
+                   tests: int, top: int, work: Path, label: str, refit_args: dict) -> dict:
     engine = InfluenceEngine(model, train_set, solver=solver, damping=damping, weight_decay=wd,
                              solver_settings=solver_settings, cache_dir=work / "cache")
     fm, obj = engine.fm, engine.objective
@@ -62,14 +64,19 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float, solver
     t0 = time.perf_counter()
     infl = engine.influence((x[chosen], y[chosen]))
     s_test_s = (time.perf_counter() - t0) / len(chosen)
+    print(f"{label}: s_test for {len(chosen)} test points, {s_test_s:.1f} s each", flush=True)
+    tops = [np.argsort(-np.abs(row))[:top] for row in infl]
+    removed = np.unique(np.concatenate(tops))  # every removal is retrained once and serves all test points
+    t1 = time.perf_counter()
+    done = lambda k: print(f"{label}: retrained {k}/{len(removed)} ({time.perf_counter() - t1:.0f} s)", flush=True)
+    actual_all = leave_one_out(fm, obj, train_set, (x[chosen], y[chosen]), removed, progress=done, **refit_args)
+    retrain_s = (time.perf_counter() - t1) / (len(removed) + 1)
     pred_all, act_all, per_point = [], [], []
-    for row, t in enumerate(chosen):
-        idx = np.argsort(-np.abs(infl[row]))[:top]
+    for row, (t, idx) in enumerate(zip(chosen, tops)):
         predicted = -infl[row][idx] / engine.n
-        t1 = time.perf_counter()
-        actual = leave_one_out(fm, obj, train_set, (x[t : t + 1], y[t : t + 1]), idx, max_iter=refit_iter)[:, 0]
+        actual = actual_all[np.searchsorted(removed, idx), row]
         per_point.append({"test_index": int(t), "test_loss": float(losses[t]), "pearson": float(pearsonr(predicted, actual)[0]),
-                          "spearman": float(spearmanr(predicted, actual)[0]), "retrain_s": time.perf_counter() - t1})
+                          "spearman": float(spearmanr(predicted, actual)[0])})
         pred_all += predicted.tolist()
         act_all += actual.tolist()
         print(f"{label}: test point {t}: Pearson {per_point[-1]['pearson']:.3f}", flush=True)
@@ -87,6 +94,7 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float, solver
     plt.close(fig)
     return {"pearson": float(pearsonr(pred_all, act_all)[0]), "spearman": float(spearmanr(pred_all, act_all)[0]),
             "slope": float(act_all @ pred_all / (pred_all @ pred_all)), "points": per_point, "s_test_s": s_test_s,
+            "retrain_s": retrain_s, "retrainings": len(removed) + 1, "refit": refit_args,
             "n": engine.n, "params": engine.fm.dim, "solver": solver, "solver_settings": solver_settings,
             "damping": damping, "weight_decay": wd, "top": top}
 
@@ -101,7 +109,7 @@ def part_logreg(args, work: Path) -> dict:
     set_params(model, refit(fm, Objective(args.logreg_wd), train_set, max_iter=2000))
     fit_s = time.perf_counter() - t0
     r = loo_experiment(model, train_set, test_set, args.logreg_wd, 0.0, "cg", {"rtol": 1e-10, "maxiter": 2000},
-                       args.tests, args.top, work, "Logistic regression (MNIST)", 500)
+                       args.tests, args.top, work, "Logistic regression (MNIST)", {"max_iter": 500})
     r["fit_s"] = fit_s
     return r
 
@@ -111,13 +119,19 @@ def part_cnn(args, work: Path) -> dict:
     train_set, test_set = load_dataset(cfg, "train"), load_dataset(cfg, "test")
     train(TrainConfig(epochs=args.cnn_epochs, weight_decay=args.cnn_wd), train_set, test_set, work / "cnn", progress=False)
     model = load_checkpoint(work / "cnn" / "final.pt").model.double()
-    fm = FunctionalModel(model, "all")
+    fm, objective = FunctionalModel(model, "all"), Objective(args.cnn_wd)
     t0 = time.perf_counter()
-    set_params(model, refit(fm, Objective(args.cnn_wd), train_set, max_iter=args.cnn_refine))
+    set_params(model, refit(fm, objective, train_set, max_iter=args.cnn_refine))
     refine_s = time.perf_counter() - t0
-    r = loo_experiment(model, train_set, test_set, args.cnn_wd, args.cnn_damping, "cg", {"rtol": 1e-6, "maxiter": 1000},
-                       args.tests, args.top, work, "Default CNN (MNIST subset)", args.cnn_refit)
-    r["refine_s"] = refine_s
+    fm = FunctionalModel(model, "all")
+    x, y = train_set.tensors()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in fm.params.items()}
+    objective_value(fm, objective, params, x, y).backward()
+    grad_norm = float(torch.cat([p.grad.flatten() for p in params.values()]).norm())
+    print(f"CNN refined by {args.cnn_refine} L-BFGS iterations in {refine_s:.0f} s; gradient norm {grad_norm:.2e}", flush=True)
+    r = loo_experiment(model, train_set, test_set, args.cnn_wd, args.cnn_damping, "cg", {"rtol": 1e-5, "maxiter": args.cnn_cg_maxiter},
+                       args.tests, args.top, work, "Default CNN (MNIST subset)", {"max_iter": args.cnn_refit})
+    r.update(refine_s=refine_s, refine_iterations=args.cnn_refine, gradient_norm=grad_norm, epochs=args.cnn_epochs)
     return r
 
 
@@ -187,12 +201,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30, help="retrained removals per test point (top |influence|)")
     ap.add_argument("--logreg-n", type=int, default=20000)
     ap.add_argument("--logreg-wd", type=float, default=0.01)
-    ap.add_argument("--cnn-n", type=int, default=1000)
+    ap.add_argument("--cnn-n", type=int, default=100)
     ap.add_argument("--cnn-epochs", type=int, default=10)
     ap.add_argument("--cnn-wd", type=float, default=0.01)
-    ap.add_argument("--cnn-damping", type=float, default=0.001)
-    ap.add_argument("--cnn-refine", type=int, default=3000)
-    ap.add_argument("--cnn-refit", type=int, default=300)
+    ap.add_argument("--cnn-damping", type=float, default=0.1,
+                    help="the refined CNN's Hessian has eigenvalues down to about -0.04 (measured): λ makes H + λI definite")
+    ap.add_argument("--cnn-refine", type=int, default=300, help="L-BFGS iterations before influence (not to a stationary point)")
+    ap.add_argument("--cnn-refit", type=int, default=100, help="L-BFGS iterations of each retraining (and of the baseline)")
+    ap.add_argument("--cnn-cg-maxiter", type=int, default=300)
     ap.add_argument("--json", default="runs/eval_loo.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_loo_"))
@@ -217,9 +233,18 @@ def render(r: dict) -> str:
                      f"|influence| for each of {len(e['points'])} test points, each removed and the model retrained "
                      f"(warm-started L-BFGS). **Pearson {e['pearson']:.3f}, Spearman {e['spearman']:.3f}** over all "
                      f"pairs; slope actual/predicted {e['slope']:.2f}; {e['s_test_s']:.1f} s per s_test.")
+        if "refine_iterations" in e:
+            lines.append("")
+            lines.append(f"The CNN was trained {e['epochs']} epochs (SGD, wd {e['weight_decay']}), then refined by "
+                         f"{e['refine_iterations']} full-batch L-BFGS iterations in float64 ({e['refine_s']:.0f} s); it is not at a "
+                         f"stationary point (gradient norm {e['gradient_norm']:.1e}: ReLU and max-pool make the objective "
+                         "non-smooth and L-BFGS stalls), and its Hessian is indefinite, so damping makes H + λI definite. Each "
+                         f"retraining is {e['refit']['max_iter']} L-BFGS iterations from the refined parameters, and the actual "
+                         f"change is measured against a baseline retrained the same way with nothing removed ({e['retrainings']} "
+                         f"retrainings, {e['retrain_s']:.0f} s each).")
         lines.append("")
-        lines.append(table(["test point", "test loss", "Pearson", "Spearman", "retraining s"],
-                           [[p["test_index"], p["test_loss"], p["pearson"], p["spearman"], p["retrain_s"]] for p in e["points"]]))
+        lines.append(table(["test point", "test loss", "Pearson", "Spearman"],
+                           [[p["test_index"], p["test_loss"], p["pearson"], p["spearman"]] for p in e["points"]]))
         lines.append("")
     if "lissa" in r:
         lines.append(f"**LiSSA vs the exact solve** (default CNN on 10,000 MNIST images, last layer, {r['lissa']['params']} "

@@ -8,11 +8,15 @@ over the selected parameters, warm-started from the checkpoint, by full-batch L-
 reaches the optimum; for others it finds the nearby stationary point).  Removing z is wᵢ = 0 with the 1/n kept,
 which is exactly ε = −1/n in Koh & Liang's derivation, so the actual change of the test loss is comparable to
 the prediction −I_up,loss(z, z_test)/n without a rescaling of the regulariser.
+
+The baseline of ``leave_one_out`` is the same refit with every weight one, not the checkpoint itself: where the
+checkpoint is the optimum (convex models) the two agree, and where it is only near a stationary point (a ReLU
+network, whose objective is not smooth) the drift that any further optimisation adds cancels in the difference.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,14 +60,20 @@ def example_losses(fm: FunctionalModel, objective: Objective, params: Params, te
 
 
 def leave_one_out(fm: FunctionalModel, objective: Objective, train: Any, test: Any, indices: np.ndarray,
-                  **refit_args: Any) -> np.ndarray:
-    """Actual change of each test loss when each training example in ``indices`` is removed: [len(indices), m]."""
+                  progress: Callable[[int], None] | None = None, **refit_args: Any) -> np.ndarray:
+    """Actual change of each test loss when each training example in ``indices`` is removed: [len(indices), m].
+
+    change = loss(refit with wᵢ = 0) − loss(refit with all w = 1), both refits with ``refit_args``.
+    ``progress`` (optional) is called after each refit with the number done.
+    """
     source = as_source(train)
-    base = example_losses(fm, objective, fm.params, test)
+    base = example_losses(fm, objective, refit(fm, objective, source, **refit_args), test)
     out = []
     for i in indices:
         w = torch.ones(len(source))
         w[int(i)] = 0.0
         params = refit(fm, objective, source, weights=w, **refit_args)
         out.append(example_losses(fm, objective, params, test) - base)
+        if progress is not None:
+            progress(len(out))
     return np.array(out)
