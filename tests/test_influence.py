@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from trainfluence.models import build_model
 from trainfluence.objective import FunctionalModel, Objective
 from trainfluence.solvers import make_solver
 from trainfluence.store import StoreSettings
-from trainfluence.validation import leave_one_out, refit
+from trainfluence.validation import example_losses, leave_one_out, refit
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -200,6 +202,25 @@ def test_leave_one_out_retraining(shapes_logreg, tmp_path):
     # the scale is right too: first-order influence under-estimates high-leverage removals a little (ratio ≥ 1)
     slope = float(actual @ predicted / (predicted @ predicted))
     assert 0.9 < slope < 2.0
+
+
+def test_leave_one_out_baseline_is_refit_not_checkpoint(synthetic):
+    """Started away from the optimum, the change must be optimum-without-z minus optimum, not minus the start."""
+    model = copy.deepcopy(synthetic["model"])
+    with torch.no_grad():
+        model.weight[0].add_(0.5)  # a checkpoint that is not the optimum (one class row: softmax is shift-invariant)
+    fm, obj = FunctionalModel(model, "all"), Objective(synthetic["wd"])
+    test, removed = synthetic["test"], np.array([3, 17])
+    actual = leave_one_out(fm, obj, synthetic["train"], test, removed)
+    optimum = FunctionalModel(synthetic["model"], "all")
+    base = example_losses(optimum, obj, optimum.params, test)
+    for row, i in enumerate(removed):
+        w = torch.ones(300, dtype=torch.float64)
+        w[i] = 0.0
+        without = example_losses(optimum, obj, refit(optimum, obj, synthetic["train"], weights=w), test)
+        np.testing.assert_allclose(actual[row], without - base, atol=1e-7)
+    start = example_losses(fm, obj, fm.params, test)
+    assert np.abs(base - start).max() > 1e-2  # the checkpoint as baseline would be far off
 
 
 def test_duplicate_is_most_helpful_and_flipped_copy_harmful(shapes_logreg, tmp_path):
