@@ -31,10 +31,10 @@ def test_numpy_scores():
 
 def test_tracin_weights_by_hand(shapes_run):
     """tracin (logits) = Σₜ wₜ ‖softmax(fₜ(x)) − onehot(y)‖² over the epoch checkpoints, wₜ = ηₜ or 1."""
-    from trainfluence.audit.scores import SCORES, AuditContext, epoch_checkpoints, predict_proba
+    from trainfluence.audit.scores import SCORES, AuditContext, predict_proba, run_checkpoints
 
     ckpt, train = load_checkpoint(shapes_run["checkpoint"]), shapes_run["train"]
-    paths = epoch_checkpoints(ckpt.path)
+    paths, _notes = run_checkpoints(ckpt)
     assert len(paths) == 5
     onehot = np.eye(len(train.classes))[train.labels.numpy()]
     norms = np.stack([((predict_proba(load_checkpoint(p).model, train, "cpu") - onehot) ** 2).sum(1) for p in paths])
@@ -119,6 +119,6 @@ def test_fix_experiment_mechanics(shapes_run, tmp_path):
 
 def test_audit_cli_errors(capsys, shapes_run, tmp_path):
     code = main(["audit", "--checkpoint", str(shapes_run["checkpoint"]), "--score", "vibes", "--out", str(tmp_path)])
-    assert_one_line_error(code, capsys.readouterr().err, "unknown score 'vibes'")
+    assert_one_line_error(code, capsys.readouterr().err, "argument --score: invalid choice: 'vibes'")
     code = main(["audit", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
     assert_one_line_error(code, capsys.readouterr().err, "not found")

@@ -43,7 +43,7 @@ def test_missing_dataset_files(capsys, tmp_path):
 
 
 def test_impossible_noise_rate(capsys):
-    assert_one_line_error(*run_cli(capsys, "train", "--label-noise", "1.5"), "--label-noise must be between 0 and 1")
+    assert_one_line_error(*run_cli(capsys, "train", "--label-noise", "1.5"), "--label-noise: must be a finite number in [0, 1], got 1.5")
 
 
 def test_corrupt_image_in_folder(capsys, tmp_path):

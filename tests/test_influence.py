@@ -19,7 +19,7 @@ from trainfluence.influence import InfluenceEngine
 from trainfluence.models import build_model
 from trainfluence.objective import FunctionalModel, Objective
 from trainfluence.solvers import make_solver
-from trainfluence.store import StoreSettings
+from trainfluence.settings.influence import StoreSettings
 from trainfluence.validation import example_losses, leave_one_out, refit
 
 
@@ -258,7 +258,7 @@ def test_projected_scores_match_exact_scores(shapes_run, tmp_path):
     train = load_dataset(DataConfig("shapes", train_size=800, test_size=20), "train")
     x, y = load_dataset(DataConfig("shapes", train_size=800, test_size=20), "test").tensors(slice(0, 3))
     common = dict(solver="lissa", solver_settings={"depth": 30, "batch_size": 64, "scale": 500.0}, damping=0.01,
-                  cache_dir=tmp_path)
+                  params="all", cache_dir=tmp_path)
     full = InfluenceEngine(shapes_run["checkpoint"], train, **common)
     projected = InfluenceEngine(shapes_run["checkpoint"], train, projection_dim=4096, **common)
     a, b = full.influence((x, y)), projected.influence((x, y))
@@ -276,8 +276,8 @@ def test_scores_invariant_to_batching_chunking_and_shards(shapes_run, tmp_path):
     base = dict(solver="exact", params="classifier", damping=0.05, weight_decay=5e-4)
     ref = InfluenceEngine(model, train, cache_dir=tmp_path / "a", **base).influence(test)
     other = InfluenceEngine(model, train, cache_dir=tmp_path / "b", hessian_batch_size=37,
-                            store_settings=StoreSettings(params="classifier", chunk_size=30,
-                                                         memory_budget=4 << 20), **{k: v for k, v in base.items() if k != "params"})
+                            store=StoreSettings(params="classifier", chunk_size=30, memory_budget_mb=4),
+                            **{k: v for k, v in base.items() if k != "params"})
     assert other.computer.batch_size(train.tensors([0])[0][0]) < 64  # a different vmap batch really was used
     sharded = InfluenceEngine(model, train, cache_dir=tmp_path / "c", **base)
     for i in range(3):
@@ -291,14 +291,22 @@ def test_s_test_cached_beside_store(synthetic, tmp_path):
     engine = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", damping=0.0,
                              weight_decay=synthetic["wd"], cache_dir=tmp_path)
     first = engine.s_test(synthetic["test"])
-    files = list(tmp_path.glob("grads-*/stest/*/*.npy"))
+    assert not list(tmp_path.glob("grads-*"))  # s_test needs the Hessian's data, not a gradient store
+    files = list(tmp_path.glob("stest-*/*.npy"))
     assert len(files) == 1
-    np.save(files[0], np.full_like(np.load(files[0]), 7.0))  # prove the second call reads the file
+    # prove the second call reads the file: a copy that matches its checksum is used ...
+    from trainfluence.files import npy_writer, save_verified
+
+    save_verified(files[0], npy_writer(np.full_like(np.load(files[0]), 7.0)))
     assert torch.equal(engine.s_test(synthetic["test"]), torch.full_like(first, 7.0))
+    # ... an edited one is not: it is solved again
+    np.save(files[0], np.full_like(np.load(files[0]), 8.0))
+    assert torch.allclose(engine.s_test(synthetic["test"]), first)
+    assert engine.reports and all(r.converged for r in engine.reports)
     other = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", damping=0.5,
                             weight_decay=synthetic["wd"], cache_dir=tmp_path)
     assert not torch.allclose(other.s_test(synthetic["test"]), first)  # other settings: another cache entry
-    assert len(list(tmp_path.glob("grads-*/stest/*/*.npy"))) == 2
+    assert len(list(tmp_path.glob("stest-*/*.npy"))) == 2
 
 
 def test_three_line_api(shapes_run, tmp_path):

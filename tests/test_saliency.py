@@ -220,4 +220,4 @@ def test_saliency_cli(shapes_run, tmp_path, capsys):
     for name in ("saliency_grid.png", "topk_masks.png", "saliency.json", "index.html"):
         assert (out / name).is_file()
     assert main(["saliency", "--checkpoint", str(shapes_run["checkpoint"]), "--method", "magic", "--out", str(out)]) == 2
-    assert "unknown saliency method 'magic'" in capsys.readouterr().err
+    assert "argument --method: invalid choice: 'magic'" in capsys.readouterr().err

@@ -8,14 +8,15 @@ import pytest
 from trainfluence.checkpoint import load_checkpoint
 from trainfluence.data import DataConfig, load_dataset
 from trainfluence.search import GradientIndex, SearchSettings, brute_force_top_k, recall_at_k
-from trainfluence.store import StoreSettings, build_store
+from trainfluence.settings.influence import StoreSettings
+from trainfluence.store import build_store
 
 
 @pytest.fixture(scope="module")
 def store(shapes_run, tmp_path_factory):
     model = load_checkpoint(shapes_run["checkpoint"]).model
     data = load_dataset(DataConfig("shapes", train_size=1500, test_size=10), "train")
-    return build_store(model, data, settings=StoreSettings(project_dim=256, dtype="fp32"),
+    return build_store(model, data, settings=StoreSettings(params="all", projection_dim=256, dtype="fp32"),
                        cache_dir=tmp_path_factory.mktemp("search")).store
 
 

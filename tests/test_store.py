@@ -18,7 +18,8 @@ from trainfluence.data import DataConfig, load_dataset
 from trainfluence.errors import UserError
 from trainfluence.gradients import GradientComputer
 from trainfluence.objective import FunctionalModel, Objective
-from trainfluence.store import GradientStore, StoreSettings, build_store, open_store
+from trainfluence.settings.influence import StoreSettings
+from trainfluence.store import GradientStore, build_store
 
 ENV = {**os.environ, "TRAINFLUENCE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 ARRAYS = ("grads", "scale", "loss", "pred", "label")
@@ -42,7 +43,7 @@ def store_files(root: Path) -> dict[str, bytes]:
 
 
 def test_store_contents_match_per_example_gradients(model, small, tmp_path):
-    report = build_store(model, small, settings=StoreSettings(chunk_size=50), cache_dir=tmp_path)
+    report = build_store(model, small, settings=StoreSettings(params="all", chunk_size=50), cache_dir=tmp_path)
     store = report.store
     assert store.complete and store.n == 130 and store.num_chunks == 3 and report.built_chunks == 3
     fm = FunctionalModel(model, "all")
@@ -55,12 +56,12 @@ def test_store_contents_match_per_example_gradients(model, small, tmp_path):
         logits = model(x)
     assert np.array_equal(store.column("pred"), logits.argmax(1).numpy())
     np.testing.assert_allclose(store.column("loss"), torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy(), rtol=1e-5)
-    again = build_store(model, small, settings=StoreSettings(chunk_size=50), cache_dir=tmp_path)
+    again = build_store(model, small, settings=StoreSettings(params="all", chunk_size=50), cache_dir=tmp_path)
     assert again.store.root == store.root and again.built_chunks == 0  # reused
 
 
 def test_projected_fp16_store(model, small, tmp_path):
-    settings = StoreSettings(project_dim=512, project_seed=5, chunk_size=64)
+    settings = StoreSettings(params="all", projection_dim=512, projection_seed=5, chunk_size=64)
     store = build_store(model, small, settings=settings, cache_dir=tmp_path).store
     assert store.key["dtype"] == "fp16" and store.array("grads").dtype == np.float16 and store.dim == 512
     fm = FunctionalModel(model, "all")
@@ -75,29 +76,31 @@ def test_projected_fp16_store(model, small, tmp_path):
 
 
 def test_stale_store_never_reused(model, small, tmp_path):
-    base = build_store(model, small, settings=StoreSettings(project_dim=64), cache_dir=tmp_path).store
+    base = build_store(model, small, settings=StoreSettings(params="all", projection_dim=64), cache_dir=tmp_path).store
     other_model = type(model)(5)
     other_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         other_model.classifier[1].bias.add_(0.01)
     roots = {
-        build_store(other_model, small, settings=StoreSettings(project_dim=64), cache_dir=tmp_path).store.root,
+        build_store(other_model, small, settings=StoreSettings(params="all", projection_dim=64), cache_dir=tmp_path).store.root,
         build_store(model, load_dataset(DataConfig("shapes", train_size=130, test_size=10, label_noise=0.1), "train"),
-                    settings=StoreSettings(project_dim=64), cache_dir=tmp_path).store.root,
-        build_store(model, small, settings=StoreSettings(project_dim=64, project_seed=1), cache_dir=tmp_path).store.root,
-        build_store(model, small, settings=StoreSettings(project_dim=64, params="last"), cache_dir=tmp_path).store.root,
-        build_store(model, small, settings=StoreSettings(project_dim=64, dtype="fp32"), cache_dir=tmp_path).store.root,
+                    settings=StoreSettings(params="all", projection_dim=64), cache_dir=tmp_path).store.root,
+        build_store(model, small, settings=StoreSettings(params="all", projection_dim=64, projection_seed=1), cache_dir=tmp_path).store.root,
+        build_store(model, small, settings=StoreSettings(projection_dim=64, params="last"), cache_dir=tmp_path).store.root,
+        build_store(model, small, settings=StoreSettings(params="all", projection_dim=64, dtype="fp32"), cache_dir=tmp_path).store.root,
     }
     assert base.root not in roots and len(roots) == 5
-    # a manifest that does not match the key asked for is refused, not reused
+    # an edited manifest fails its own checksum: noticed and rebuilt, never half-read or trusted
+    before = store_files(base.root)
     manifest = base.root / "manifest.json"
     manifest.write_text(manifest.read_text().replace(base.key["checkpoint"], "0" * 16))
-    with pytest.raises(UserError, match="different key"):
-        build_store(model, small, settings=StoreSettings(project_dim=64), cache_dir=tmp_path)
+    report = build_store(model, small, settings=StoreSettings(params="all", projection_dim=64), cache_dir=tmp_path)
+    assert report.store.root == base.root and report.built_chunks == base.num_chunks
+    assert store_files(base.root) == before
 
 
 def test_corrupted_and_truncated_chunks_detected_and_rebuilt(model, small, tmp_path):
-    settings = StoreSettings(project_dim=128, chunk_size=40)
+    settings = StoreSettings(params="all", projection_dim=128, chunk_size=40)
     ref = build_store(model, small, settings=settings, cache_dir=tmp_path / "ref").store
     store = build_store(model, small, settings=settings, cache_dir=tmp_path / "x").store
     expected = store_files(ref.root)
@@ -117,14 +120,14 @@ def test_corrupted_and_truncated_chunks_detected_and_rebuilt(model, small, tmp_p
 
 
 def test_incomplete_store_refused_for_reading(model, small, tmp_path):
-    report = build_store(model, small, settings=StoreSettings(project_dim=32, chunk_size=30), cache_dir=tmp_path, stop_after_chunks=2)
+    report = build_store(model, small, settings=StoreSettings(projection_dim=32, chunk_size=30), cache_dir=tmp_path, stop_after_chunks=2)
     assert not report.store.complete
     with pytest.raises(UserError, match="incomplete"):
         report.store.require_complete()
 
 
 def test_shards_compose_to_the_whole_store(model, small, tmp_path):
-    settings = StoreSettings(project_dim=128, chunk_size=20)
+    settings = StoreSettings(params="all", projection_dim=128, chunk_size=20)
     whole = build_store(model, small, settings=settings, cache_dir=tmp_path / "whole").store
     parts = [build_store(model, small, settings=settings, cache_dir=tmp_path / "parts", shard=(i, 3)) for i in (2, 0, 1)]
     assert [p.built_chunks for p in parts] == [3, 2, 2] and parts[-1].store.complete
@@ -132,7 +135,7 @@ def test_shards_compose_to_the_whole_store(model, small, tmp_path):
 
 
 def cache_cmd(ckpt: Path, cache: Path, *extra: str) -> list[str]:
-    return ["-m", "trainfluence", "cache", "--checkpoint", str(ckpt), "--train-size", "1200", "--project-dim", "256",
+    return ["-m", "trainfluence", "cache", "--checkpoint", str(ckpt), "--train-size", "1200", "--params", "all", "--projection-dim", "256",
             "--chunk-size", "15", "--cache-dir", str(cache), *extra]
 
 
@@ -173,10 +176,10 @@ def test_torchrun_two_processes_bit_for_bit(shapes_run, tmp_path):
 def test_cache_cli_reports(shapes_run, tmp_path, capsys):
     from trainfluence.cli import main
 
-    args = ["cache", "--checkpoint", str(shapes_run["checkpoint"]), "--train-size", "100", "--project-dim", "64",
+    args = ["cache", "--checkpoint", str(shapes_run["checkpoint"]), "--train-size", "100", "--params", "all", "--projection-dim", "64",
             "--cache-dir", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "100 examples x 64 dims (fp16)" in out and "examples/s" in out
+    assert "100 examples x 64 dims (fp16, parameters: all)" in out and "examples/s" in out
     assert main(args) == 0 and "reused" in capsys.readouterr().out
     assert main(args + ["--shard", "3/2"]) == 2

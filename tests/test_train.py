@@ -23,10 +23,12 @@ def test_default_cnn_size_and_models_build():
 
 
 def test_user_factory_module_callable():
-    model = build_model("torch.nn:Identity", 3, 3, 32)  # any importable callable returning a Module
+    model = build_model("torch.nn:Identity", 3, 3, 32, trusted=True)  # any importable callable returning a Module
     assert isinstance(model, torch.nn.Identity)
     with pytest.raises(UserError, match="cannot load model factory"):
-        build_model("no_such_module:f", 3, 3, 32)
+        build_model("no_such_module:f", 3, 3, 32, trusted=True)
+    with pytest.raises(UserError, match="not a registered one"):  # only the user can choose code to run
+        build_model("torch.nn:Identity", 3, 3, 32)
 
 
 def test_training_reaches_90_percent_on_shapes(shapes_run):

@@ -12,23 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .audit import AuditSettings, run_audit  # noqa: E402
-from .checkpoint import load_checkpoint  # noqa: E402
-from .data import DataConfig, load_dataset  # noqa: E402
-from .explain import explain  # noqa: E402
-from .influence import InfluenceEngine  # noqa: E402
-from .progress import write  # noqa: E402
-from .report import html  # noqa: E402
-from .saliency.run import run_saliency  # noqa: E402
-from .settings import to_dict, write_json  # noqa: E402
-from .store import StoreSettings  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
+from .audit import AuditSettings, run_audit
+from .checkpoint import load_checkpoint
+from .data import DataConfig, load_dataset
+from .explain import explain
+from .files import write_json
+from .influence import InfluenceEngine
+from .progress import write
+from .report import html
+from .report.figures import plt, save_figure
+from .saliency.run import run_saliency
+from .settings import to_dict
+from .train import TrainConfig, train
 
 
 @dataclass
@@ -72,9 +69,7 @@ def run_demo(out: Path, settings: DemoSettings, device: torch.device, cache_dir:
     _stage(timings, "train", t0)
 
     t0 = time.perf_counter()
-    engine = InfluenceEngine(ckpt.model, train_set, solver="exact", params="last", damping=0.01,
-                             weight_decay=ckpt.meta.weight_decay, cache_dir=cache_dir,
-                             store_settings=StoreSettings(params="last"), device=device)
+    engine = InfluenceEngine(ckpt, train_set, cache_dir=cache_dir, device=device)  # the defaults of the CLI
     store = engine.build_cache()
     _stage(timings, "gradient store", t0)
 
@@ -125,8 +120,7 @@ def _training_plot(fit: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _index(out: Path, summary: dict[str, Any], explained: dict[str, Any], audit: dict[str, Any], sal: dict[str, Any],

@@ -1,8 +1,9 @@
 """Explaining test predictions by training images: the most helpful and most harmful training examples.
 
-:func:`explain` writes ``influence.json`` (indices, labels and I_up,loss scores of the top-k helpful and
-harmful training images per test point, with the settings and timings), one PNG grid per test point and an
-``index.html`` that shows them.
+:func:`explain` writes ``influence.json`` (indices — and file paths, for folder datasets — labels and I_up,loss
+scores of the top-k helpful and harmful training images per test point, with the settings, timings and how
+each solve ended), one PNG grid per test point and an ``index.html`` that shows them.  The grids draw at most
+:data:`MAX_DRAWN` images per row (``influence.json`` lists all k).
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import torch
 from .data import ImageDataset
 from .influence import InfluenceEngine
 from .report import html
+from .files import write_json
 from .report.figures import Panel, panel_grid, to_display
-from .settings import write_json
+from .settings import to_dict
+
+MAX_DRAWN = 20  # training images per row of a picture
 
 
 def _entry(dataset: ImageDataset, index: int, score: float | None = None) -> dict[str, Any]:
     label = int(dataset.labels[index])
-    entry: dict[str, Any] = {"index": int(index), "label": label, "label_name": dataset.classes[label]}
+    entry: dict[str, Any] = {**dataset.describe_item(index), "label": label, "label_name": dataset.classes[label]}
     if score is not None:
         entry["score"] = float(score)
     if dataset.noise is not None:
@@ -69,7 +73,8 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
                 e["pixel_influence_abs_sum"] = float(np.abs(maps[e["index"]]).sum())
         _figure(item, train, test, out / item["figure"], maps)
         results.append(item)
-    report = {"settings": engine.settings(), "store": str(engine.store.root if engine.store else ""),
+    report = {"settings": engine.describe(), "store": str(engine.store.root if engine.store else ""),
+              "solves": [to_dict(r) for r in engine.reports],
               "sign": "I_up,loss: negative = helpful (upweighting lowers the test loss), positive = harmful",
               "k": k, "pixels": pixels, "timings": timings, "explanations": results}
     write_json(out / "influence.json", report)
@@ -84,14 +89,17 @@ def _figure(item: dict[str, Any], train: ImageDataset, test: ImageDataset, path:
                   color="green" if t["label"] == t["prediction"] else "red")]
     rows, labels = [head], ["test"]
     for kind, colour in (("helpful", "green"), ("harmful", "red")):
+        shown = item[kind][:MAX_DRAWN]
         rows.append([Panel(to_display(train.images[e["index"]]), f"#{e['index']} {e['label_name']}\n{e['score']:.3g}",
-                           color=colour) for e in item[kind]])
+                           color=colour) for e in shown])
         labels.append(kind)
         if maps is not None:
             rows.append([Panel(to_display(train.images[e["index"]]) * 0.6 + 0.2, "I_pert,loss", overlay=maps[e["index"]])
-                         for e in item[kind]])
+                         for e in shown])
             labels.append(f"{kind} pixels")
     title = "red pixels: brightening them raises the test loss; blue: lowers it" if maps is not None else None
+    if len(item["helpful"]) > MAX_DRAWN:
+        title = (title + "\n" if title else "") + f"the first {MAX_DRAWN} of {len(item['helpful'])} per row (all in influence.json)"
     panel_grid(rows, path, row_labels=labels, title=title)
 
 
@@ -102,12 +110,18 @@ def _html(report: dict[str, Any], out: Path) -> None:
              if report.get("pixels") else "",
              f"<p class='muted'>{html.esc(report['sign'])}. Solver {html.esc(report['settings']['solver'])}, "
              f"damping {html.esc(report['settings']['damping'])}.</p>"]
+    for r in report.get("solves", []):
+        if not r["converged"]:
+            parts.append(f"<p class='bad'>Warning: the {html.esc(r['solver'])} solve did not converge ({html.esc(r['measure'])} "
+                         f"{r['value']:.3g} above its tolerance {r['tolerance']:.3g}): the rankings are approximate.</p>")
     for item in report["explanations"]:
         t = item["test"]
         parts.append(f"<h2>Test image #{html.esc(t['index'])}: label {html.esc(t['label_name'])}, "
                      f"predicted {html.esc(t['prediction_name'])} ({t['probability']:.2f})</h2>")
         parts.append(html.img(item["figure"], f"explanation of test image {t['index']}", "figure"))
         for kind in ("helpful", "harmful"):
-            rows = [[e["index"], e["label_name"], e["score"]] for e in item[kind]]
-            parts.append(f"<h3>Most {kind}</h3>" + html.table(["training index", "label", "I_up,loss"], rows))
+            paths = any("path" in e for e in item[kind])
+            rows = [[e["index"], *([e.get("path", "")] if paths else []), e["label_name"], e["score"]] for e in item[kind]]
+            parts.append(f"<h3>Most {kind}</h3>" + html.table(["training index", *(["file"] if paths else []), "label",
+                                                                "I_up,loss"], rows))
     html.write_page(out / "index.html", "trainfluence explain", "\n".join(parts))

@@ -82,12 +82,14 @@ def vmap_batch_size(fm: FunctionalModel, example: torch.Tensor, memory_budget: i
 
 
 class GradientComputer:
-    """Per-example gradients of ``objective`` for ``fm``'s selected parameters, in memory-bounded vmap batches."""
+    """Per-example gradients of ``objective`` for ``fm``'s selected parameters, in memory-bounded vmap batches
+    (``batch_size``: examples per vmap call; default: what fits in ``memory_budget`` bytes)."""
 
-    def __init__(self, fm: FunctionalModel, objective: Objective, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    def __init__(self, fm: FunctionalModel, objective: Objective, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 batch_size: int | None = None):
         self.fm, self.objective, self.memory_budget = fm, objective, memory_budget
         self._fn = per_example_fn(fm, objective)
-        self._batch: int | None = None
+        self._batch: int | None = batch_size
 
     def batch_size(self, example: torch.Tensor) -> int:
         if self._batch is None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vmap
 
+from .checks import require_finite
 from .data.source import ExampleSource
 from .gradients import activation_numel
 from .objective import FunctionalModel, Objective
@@ -97,7 +98,8 @@ class HessianOperator:
         with torch.no_grad():
             for x, y in self.batches():
                 total += self.data_hvp(V, x, y) * (len(y) / n)
-        return total + self.shift * V
+        return require_finite(total + self.shift * V, "a Hessian-vector product",
+                              "the model or its inputs give NaN/Inf curvature — check the checkpoint, or raise --damping")
 
     def subset(self, size: int, seed: int = 0) -> "HessianOperator":
         """The same operator over a seeded random subset of at most ``size`` of its examples."""

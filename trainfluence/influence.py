@@ -14,13 +14,16 @@ Definitions (model in eval mode, selected parameters θ, checkpoint θ̂):
 
 With a projected store the scores are −⟨P s_test, P ∇ℓ(z)⟩ ≈ I_up,loss (inner products preserved in expectation).
 
-    >>> engine = InfluenceEngine(model, train_set, solver="lissa", damping=0.01)
-    >>> engine.build_cache()
-    >>> scores = engine.influence(test_set)          # [n_test, n_train], I_up,loss
+Return types: scores (one number per pair or example) are numpy arrays; vectors in parameter or input space
+(gradients, s_test, I_up,params, I_pert,loss) are torch tensors on the engine's device.
+
+    >>> engine = InfluenceEngine("runs/shapes/final.pt", train_set)      # the defaults of the command line
+    >>> scores = engine.influence(test_set)                              # [n_test, n_train], I_up,loss
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,18 +33,23 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, model_fingerprint
+from .checks import FIX_MODEL, FIX_SOLVE, require_finite
 from .data.source import ExampleSource, as_source
 from .device import resolve_device
 from .errors import UserError
 from .gradients import GradientComputer
 from .hvp import HessianOperator
 from .objective import FunctionalModel, Objective
-from .progress import bar
-from .search import GradientIndex, SearchSettings
-from .settings import stable_hash, to_dict, write_json
-from .solvers import make_solver
-from .store import GradientStore, StoreSettings, build_store
+from .progress import bar, warn
+from .search import GradientIndex
+from .settings import to_dict, validate
+from .settings.influence import InfluenceSettings, SearchSettings, StoreSettings
+from .solvers import SolveReport, make_solver
+from .store import BuildReport, GradientStore, build_store
+from .store.stest import STestCache
+
+_FIELDS = {f.name: cls for cls in (InfluenceSettings, StoreSettings) for f in dataclasses.fields(cls)}
 
 
 @dataclass
@@ -54,60 +62,66 @@ class InfluenceTopK:
     harmful_score: np.ndarray  # [m, k] I_up,loss, descending
 
 
+def _merge(cls: type, given: Any, options: dict[str, Any]) -> Any:
+    """``given`` (an instance of ``cls`` or None) with ``options`` applied; an option that contradicts ``given``
+    is an error, never a silent override."""
+    base = given if given is not None else cls()
+    if not isinstance(base, cls):
+        raise UserError(f"expected {cls.__name__}, got {type(base).__name__}")
+    mine = {k: v for k, v in options.items() if _FIELDS[k] is cls}
+    if given is not None:
+        clash = [k for k, v in mine.items() if getattr(given, k) != v]
+        if clash:
+            raise UserError(f"{', '.join(clash)} given both as an argument and in {cls.__name__} with different values: "
+                            "give it once")
+    return validate(dataclasses.replace(base, **mine))
+
+
 class InfluenceEngine:
     """Influence of every training example on test predictions, from a cached gradient store.
 
-    ``model``: an ``nn.Module`` or the path of a trainfluence checkpoint (then ``weight_decay`` defaults to the
-    checkpoint's).  ``train_dataset``: anything yielding ``(input, label)``.  ``solver``: ``exact`` | ``lissa`` |
-    ``cg`` | ``arnoldi`` with ``solver_settings`` (dataclass or dict).  ``params``: ``all`` | ``last`` | module
-    names.  ``projection_dim``: store gradients projected to k dimensions (None: full gradients).
-    ``hessian_samples``: build H from a seeded random subset of the training set (None: all of it).
+    ``model``: an ``nn.Module``, a loaded :class:`~trainfluence.checkpoint.Checkpoint`, or the path of a
+    trainfluence checkpoint (``arch=`` builds a ``module:callable`` architecture the checkpoint names — only the
+    caller can allow that).  ``train_dataset``: anything yielding ``(input, label)``.
+
+    Options are the fields of :class:`~trainfluence.settings.influence.InfluenceSettings` (``solver``,
+    ``damping``, ``weight_decay`` — default: the checkpoint's —, ``hessian_samples``, ``strict`` …) and of
+    :class:`~trainfluence.settings.influence.StoreSettings` (``params``, ``projection_dim`` …), given as keywords
+    or as ``settings=`` / ``store=`` objects; ``solver_settings`` is a dict or the solver's settings dataclass.
+    The defaults are those of the command line.
     """
 
-    def __init__(
-        self,
-        model: nn.Module | str | Path,
-        train_dataset: Any,
-        *,
-        solver: str = "lissa",
-        damping: float = 0.01,
-        params: str = "all",
-        projection_dim: int | None = None,
-        cache_dir: str | Path | None = "cache",
-        weight_decay: float | None = None,
-        solver_settings: Any = None,
-        hessian_samples: int | None = None,
-        hessian_batch_size: int = 256,
-        projection_seed: int = 0,
-        store_settings: StoreSettings | None = None,
-        device: str | torch.device = "auto",
-    ):
+    def __init__(self, model: nn.Module | Checkpoint | str | Path, train_dataset: Any, *,
+                 settings: InfluenceSettings | None = None, store: StoreSettings | None = None,
+                 solver_settings: Any = None, cache_dir: str | Path | None = "cache", device: str | torch.device = "auto",
+                 arch: str | None = None, **options: Any):
+        unknown = sorted(set(options) - set(_FIELDS))
+        if unknown:
+            raise UserError(f"InfluenceEngine has no option {unknown[0]!r}: use {', '.join(sorted(_FIELDS))}")
+        self.settings: InfluenceSettings = _merge(InfluenceSettings, settings, options)
+        self.store_settings: StoreSettings = _merge(StoreSettings, store, options)
         self.device = resolve_device(device) if isinstance(device, str) else device
-        if isinstance(model, (str, Path)):
-            ckpt = load_checkpoint(model, device=self.device)
-            model = ckpt.model
-            if weight_decay is None:
-                weight_decay = ckpt.meta.weight_decay
-        if damping < 0:
-            raise UserError(f"damping must be non-negative, got {damping}")
+        ckpt = load_checkpoint(model, device=self.device, arch=arch) if isinstance(model, (str, Path)) else model
+        if isinstance(ckpt, Checkpoint):
+            model, self.model_id = ckpt.model, ckpt.content_hash
+        else:
+            model, self.model_id = ckpt, model_fingerprint(ckpt)
+        wd = self.settings.weight_decay
+        if wd is None:  # the one place the objective's weight decay is decided
+            wd = ckpt.meta.weight_decay if isinstance(ckpt, Checkpoint) else 0.0
         self.model = model
-        self.objective = Objective(weight_decay=float(weight_decay or 0.0))
+        self.objective = Objective(weight_decay=float(wd))
         self.source: ExampleSource = as_source(train_dataset)
-        self.store_settings = store_settings or StoreSettings(params=params, project_dim=projection_dim, project_seed=projection_seed)
-        self.store_settings.validate()
         self.fm = FunctionalModel(model, self.store_settings.params, device=self.device)
         self.computer = GradientComputer(self.fm, self.objective, self.store_settings.memory_budget)
-        self.solver = make_solver(solver, solver_settings)
-        self.damping = float(damping)
-        self.hessian_samples, self.hessian_batch_size = hessian_samples, hessian_batch_size
+        self.solver = make_solver(self.settings.solver, solver_settings)
+        self.damping = float(self.settings.damping)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.store: GradientStore | None = None
+        self.build_report: BuildReport | None = None
+        self.reports: list[SolveReport] = []  # how every solve behind this engine's results ended
         self._op: HessianOperator | None = None
         self._index: GradientIndex | None = None
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, train_dataset: Any, **kwargs: Any) -> "InfluenceEngine":
-        return cls(path, train_dataset, **kwargs)
 
     # ---- building blocks -----------------------------------------------------------------------------------
     @property
@@ -119,20 +133,23 @@ class InfluenceEngine:
         """H = ∇²L + λI over the training set (or its ``hessian_samples`` subset)."""
         if self._op is None:
             self._op = HessianOperator(self.fm, self.objective, self.source, self.damping,
-                                       batch_size=self.hessian_batch_size, hessian_samples=self.hessian_samples)
+                                       batch_size=self.settings.hessian_batch_size,
+                                       hessian_samples=self.settings.hessian_samples)
         return self._op
 
-    def settings(self) -> dict[str, Any]:
-        """Everything s_test depends on besides the model and training data (saved beside cached s_test)."""
+    def describe(self) -> dict[str, Any]:
+        """Everything s_test depends on besides the model and training data (saved beside every result)."""
         return {"solver": self.solver.name, "solver_settings": to_dict(self.solver.settings), "damping": self.damping,
                 "weight_decay": self.objective.weight_decay, "objective": self.objective.name, "params": self.fm.names,
-                "hessian_samples": self.hessian_samples, "hessian_batch_size": self.hessian_batch_size}
+                "hessian_samples": self.settings.hessian_samples,
+                "hessian_batch_size": self.settings.hessian_batch_size}
 
     def build_cache(self, *, shard: tuple[int, int] = (0, 1)) -> GradientStore:
         """Compute (or reuse) the per-example gradient store of the training set."""
-        report = build_store(self.model, self.source, objective=self.objective, settings=self.store_settings,
-                             cache_dir=self.cache_dir or Path("cache"), shard=shard, device=self.device)
-        self.store = report.store
+        self.build_report = build_store(self.model, self.source, objective=self.objective, settings=self.store_settings,
+                                        cache_dir=self.cache_dir or Path("cache"), shard=shard, device=self.device,
+                                        model_id=self.model_id, fm=self.fm)
+        self.store = self.build_report.store
         return self.store
 
     def _require_store(self) -> GradientStore:
@@ -145,31 +162,51 @@ class InfluenceEngine:
     def gradients(self, data: Any) -> torch.Tensor:
         """Full per-example loss gradients ∇ℓ(z) [m, p] of ``data`` (test points or training examples)."""
         x, y = as_source(data).tensors()
+        if not len(y):
+            return torch.zeros(0, self.fm.dim, device=self.device)
         with torch.no_grad():
-            return torch.cat([self.fm.flatten(eg.grads) for eg in self.computer.batches(x, y)]) if len(y) else torch.zeros(0, self.fm.dim)
+            G = torch.cat([self.fm.flatten(eg.grads) for eg in self.computer.batches(x, y)])
+        return require_finite(G, "per-example gradients", FIX_MODEL)
 
     def inverse_hvp(self, V: torch.Tensor) -> torch.Tensor:
-        """H⁻¹ V for the rows of V, by the engine's solver."""
-        return self.solver.inverse_hvp(self.operator, V.to(self.device))
+        """H⁻¹ V for the rows of V, by the engine's solver; an unconverged solve warns (or, strict, stops)."""
+        out = self.solver.inverse_hvp(self.operator, V.to(self.device))
+        self._record(self.solver.report)
+        require_finite(out, f"the {self.solver.name} solution H⁻¹v", FIX_SOLVE)
+        lost = (out.abs().amax(1) == 0) & (V.to(out.device).abs().amax(1) > 0)
+        if bool(lost.any()):
+            raise UserError(f"the {self.solver.name} solve returned 0 for a non-zero gradient (underflow): lower "
+                            f"--damping (now {self.damping:g}) or the solver's scale")
+        return out
+
+    def _record(self, report: SolveReport | None) -> None:
+        """Keep ``report`` (once) with this engine's results; warn about — or, strict, refuse — an unconverged solve."""
+        if report is None or any(r is report for r in self.reports):
+            return
+        self.reports.append(report)
+        if not report.converged:
+            message = f"{report.describe()}; {self.solver.advice}"
+            if self.settings.strict:
+                raise UserError(message + " (or drop --strict to accept the estimate)")
+            warn(message + " (--strict makes this an error)")
+
+    def _stest_cache(self) -> STestCache | None:
+        if self.cache_dir is None:
+            return None
+        return STestCache(self.cache_dir, {"model": self.model_id, "train": self.source.fingerprint(), **self.describe()})
 
     def s_test(self, test: Any) -> torch.Tensor:
-        """s_test = H⁻¹ ∇ℓ(z_test) for every test point [m, p]; cached on disk beside the store."""
+        """s_test = H⁻¹ ∇ℓ(z_test) for every test point [m, p]; cached on disk (no gradient store needed)."""
         source = as_source(test)
-        path = None
-        if self.cache_dir is not None:
-            store = self._require_store()
-            folder = store.root / "stest" / stable_hash(self.settings())
-            path = folder / f"{source.fingerprint()}.npy"
-            if path.is_file():
-                cached = np.load(path)
-                if cached.shape == (len(source), self.fm.dim):
-                    return torch.from_numpy(cached).to(self.device)
+        cache = self._stest_cache()
+        if cache is not None:
+            hit = cache.load(source.fingerprint(), (len(source), self.fm.dim))
+            if hit is not None:
+                self._record(SolveReport(**hit[1]))
+                return torch.from_numpy(hit[0]).to(self.device)
         result = self.inverse_hvp(self.gradients(source))
-        if path is not None:
-            write_json(path.parent / "settings.json", self.settings())
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, result.float().cpu().numpy())
-            tmp.replace(path)
+        if cache is not None:
+            cache.save(source.fingerprint(), result.float().cpu().numpy(), to_dict(self.solver.report))
         return result
 
     def _query_vectors(self, s: torch.Tensor) -> np.ndarray:
@@ -186,7 +223,7 @@ class InfluenceEngine:
         out = np.empty((len(q), store.n), dtype=np.float32)
         for start, block in store.iter_blocks():
             out[:, start : start + len(block)] = -(q @ block.T)
-        return out
+        return require_finite(out, "influence scores", FIX_SOLVE)
 
     def index(self, settings: SearchSettings | None = None) -> GradientIndex:
         if self._index is None or (settings is not None and settings != self._index.settings):
@@ -227,23 +264,21 @@ class InfluenceEngine:
             return jvp(lambda th: input_grad(th, xi, yi), (theta,), (s.to(theta),))[1]
 
         with torch.no_grad():
-            return -vmap(one)(x, y)
+            return require_finite(-vmap(one)(x, y), "pixel influence", FIX_SOLVE)
 
-    def self_influence(self, indices: Any = None, *, chunk: int = 256) -> np.ndarray:
-        """∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) for every training example (or the given ones).
+    def self_influence(self, indices: Any = None, *, labels: torch.Tensor | None = None, chunk: int = 256) -> np.ndarray:
+        """∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) for every training example (or the given ones; ``labels`` replaces their labels).
 
-        With ``exact`` and ``arnoldi`` this whitens each gradient with the cached eigendecomposition (cheap for
-        all n); with ``lissa`` and ``cg`` it solves one system per example (batched, but slow for large n).
-        """
+        ``exact`` and ``arnoldi`` whiten each gradient with the cached eigendecomposition (cheap for all n);
+        ``lissa`` and ``cg`` solve one system per example (batched, but slow for large n)."""
         rows = np.arange(self.n) if indices is None else np.atleast_1d(np.asarray(indices))
-        whiten = getattr(self.solver, "whiten", None)
         out = np.empty(len(rows), dtype=np.float64)
         for start in bar(range(0, len(rows), chunk), desc=f"self-influence ({self.solver.name})", unit="chunk"):
             sel = rows[start : start + chunk]
-            G = self.gradients(self.source.tensors(sel)).to(self.device)
-            if whiten is not None:
-                vals = whiten(self.operator, G).double().pow(2).sum(1)
-            else:
-                vals = (self.inverse_hvp(G).double() * G.double()).sum(1)
-            out[start : start + len(sel)] = vals.cpu().numpy()
-        return out
+            x, y = self.source.tensors(sel)
+            if labels is not None:
+                y = labels[start : start + len(sel)].to(y)
+            G = self.gradients((x, y)).to(self.device)
+            out[start : start + len(sel)] = self.solver.quadratic_form(self.operator, G).cpu().numpy()
+            self._record(self.solver.report)
+        return require_finite(out, "self-influence scores", FIX_SOLVE)

@@ -15,7 +15,7 @@ at the slice.  A unit is shown by the input saliency of its activation (gradient
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -94,9 +94,6 @@ def unit_saliency(model: nn.Module, layer: str, x: torch.Tensor, units: torch.Te
     with evaluating(model):
         grad, _ = input_gradient(model, x, UnitsTarget())
     return grad
-
-
-QoIFactory = Callable[[torch.Tensor], Target]
 
 
 # ---- class essence: keep only the most influential units -----------------------------------------------------

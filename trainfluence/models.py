@@ -1,9 +1,12 @@
-"""Model registry: the default small CNN, logistic regression, an MLP, torchvision architectures adapted to
-small images, and ``module:callable`` for a user's own factory.
+"""Model registry: the default small CNN, logistic regression, an MLP, torchvision's ResNet-18 adapted to small
+images — and a user's own factory as ``module:callable``.
 
-Every factory is called as ``factory(num_classes=K, in_channels=C, image_size=S)`` and returns an
-``nn.Module`` mapping a batch ``[B, C, S, S]`` to logits ``[B, K]``.  A user's factory may accept only the
-keyword arguments it needs.
+Trust boundary: a registered name is all a checkpoint (or any other file) can choose.  ``module:callable`` imports
+and runs code, so it is honoured only when the user gives it (``--arch`` on the command line, ``arch=`` or a model
+object in the API) — never because a checkpoint's metadata names it.
+
+Every factory is called as ``factory(num_classes=K, in_channels=C, image_size=S)`` (a user's factory may accept
+only the keywords it needs) and returns an ``nn.Module`` mapping ``[B, C, S, S]`` to logits ``[B, K]``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .settings.train import ARCHITECTURES, check_arch
 
 
 class SmallCNN(nn.Module):
@@ -71,26 +75,30 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "resnet18": resnet18,
 }
+assert tuple(MODELS) == ARCHITECTURES, "settings.train.ARCHITECTURES names the registry"
 
 
-def resolve_factory(arch: str) -> Callable[..., nn.Module]:
+def resolve_factory(arch: str, *, trusted: bool) -> Callable[..., nn.Module]:
+    """The factory for ``arch``.  ``module:callable`` is imported only when ``trusted`` (the user typed it)."""
+    check_arch(arch)
     if arch in MODELS:
         return MODELS[arch]
-    if ":" in arch:
-        module_name, _, attr = arch.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UserError(f"cannot load model factory {arch!r}: {exc}; give module:callable importable from here") from exc
-        if not callable(factory):
-            raise UserError(f"model factory {arch!r} is not callable")
-        return factory
-    raise UserError(f"unknown architecture {arch!r}: use one of {', '.join(MODELS)} or module:callable")
+    if not trusted:
+        raise UserError(f"architecture {arch!r} is not a registered one ({', '.join(MODELS)}); a file cannot choose "
+                        f"code to run — if you trust it, pass --arch {arch} (API: arch=...)")
+    module_name, _, attr = arch.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"cannot load model factory {arch!r}: {exc}; give module:callable importable from here") from exc
+    if not callable(factory):
+        raise UserError(f"model factory {arch!r} is not callable")
+    return factory
 
 
-def build_model(arch: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Instantiate ``arch`` for the given data shape."""
-    factory = resolve_factory(arch)
+def build_model(arch: str, num_classes: int, in_channels: int, image_size: int, *, trusted: bool = False) -> nn.Module:
+    """Instantiate ``arch`` for the given data shape (``trusted``: see :func:`resolve_factory`)."""
+    factory = resolve_factory(arch, trusted=trusted)
     kwargs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     try:
         params = inspect.signature(factory).parameters

@@ -47,9 +47,12 @@ class ProjectionSpec:
     kind: str = "countsketch"
     allocation: str = "energy"
 
+    def as_dict(self) -> dict[str, object]:
+        return {"dim": self.dim, "seed": self.seed, "kind": self.kind, "allocation": self.allocation}
+
     def validate(self) -> None:
         if self.dim < 1:
-            raise UserError(f"--project-dim must be positive, got {self.dim}")
+            raise UserError(f"--projection-dim must be positive, got {self.dim}")
         if self.kind not in KINDS:
             raise UserError(f"unknown projection {self.kind!r}: use {' or '.join(KINDS)}")
         if self.allocation not in ALLOCATIONS:

@@ -2,6 +2,10 @@
 query vectors — the primitive behind helpful/harmful ranking (influence = −⟨s_test, gᵢ⟩, so the largest inner
 products are the most helpful training examples and the smallest the most harmful).
 
+The index file lives beside the store (its name carries the store's content id, so a rebuilt chunk makes a new
+one) with a SHA-256 beside it: an edited or truncated index is noticed and rebuilt, never silently used.  Queries
+must be finite, and faiss's "no result" (index −1) never reaches a caller.
+
 ``flat`` (default) is exact (``IndexFlatIP``, float32); ``fp16`` is exhaustive over fp16 copies of the rows
 (``IndexScalarQuantizer``, half the memory and about twice as fast for a single query; exact up to fp16
 rounding, which is what an fp16 store holds anyway); ``ivf`` clusters the rows into ``nlist`` cells and
@@ -17,16 +21,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .checks import require_finite
 from .errors import UserError
-from .progress import bar
+from .files import discard, save_verified, verified
+from .progress import bar, note
+from .settings import validate
+from .settings.influence import SearchSettings
 from .store import GradientStore
-
-
-@dataclass
-class SearchSettings:
-    kind: str = "flat"  # flat | fp16 | ivf
-    nlist: int | None = None  # ivf cells (default ≈ 4·√n)
-    nprobe: int = 16  # ivf cells searched per query
 
 
 @dataclass
@@ -44,9 +45,7 @@ class GradientIndex:
 
     def __init__(self, store: GradientStore, settings: SearchSettings | None = None):
         store.require_complete()
-        self.store, self.settings = store, settings or SearchSettings()
-        if self.settings.kind not in ("flat", "fp16", "ivf"):
-            raise UserError(f"unknown index kind {self.settings.kind!r}: use flat, fp16 or ivf")
+        self.store, self.settings = store, validate(settings or SearchSettings())
         self.index = self._load_or_build()
 
     def _path(self) -> Path:
@@ -60,9 +59,12 @@ class GradientIndex:
     def _load_or_build(self) -> faiss.Index:
         path = self._path()
         if path.is_file():  # the name carries the store's content id: a rebuilt chunk gives a new index
-            index = faiss.read_index(str(path))
-            if index.ntotal == self.store.n and index.d == self.store.dim:
-                return self._configure(index)
+            if verified(path):
+                index = faiss.read_index(str(path))
+                if index.ntotal == self.store.n and index.d == self.store.dim:
+                    return self._configure(index)
+            note(f"faiss index {path.name} does not match its checksum (edited or truncated); rebuilding it")
+            discard(path)
         d = self.store.dim
         if self.settings.kind == "flat":
             index: faiss.Index = faiss.IndexFlatIP(d)
@@ -76,9 +78,7 @@ class GradientIndex:
             index.train(np.ascontiguousarray(self.store.read(sample)))
         for _, block in bar(list(self.store.iter_blocks()), desc="faiss index", unit="block"):
             index.add(np.ascontiguousarray(block))
-        tmp = path.with_suffix(".tmp")
-        faiss.write_index(index, str(tmp))
-        tmp.replace(path)
+        save_verified(path, lambda tmp: faiss.write_index(index, str(tmp)))
         return self._configure(index)
 
     def _configure(self, index: faiss.Index) -> faiss.Index:
@@ -91,8 +91,14 @@ class GradientIndex:
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if q.shape[1] != self.store.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the store {self.store.dim}")
+        require_finite(q, "the search queries (s_test)", "the solve diverged — raise --damping or change --solver")
+        if k < 1:
+            raise UserError(f"top-k needs k ≥ 1, got {k}")
         k = min(k, self.store.n)
         scores, index = self.index.search(np.concatenate([q, -q]), k)
+        if (index < 0).any() or not np.isfinite(scores).all():  # faiss's "no result": fewer hits than asked
+            raise UserError(f"the {self.settings.kind} index returned fewer than {k} results per query: use --index flat, "
+                            "or a larger --nprobe for ivf")
         m = len(q)
         return TopK(index[:m], scores[:m], index[m:], -scores[m:])
 

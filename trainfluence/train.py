@@ -3,13 +3,18 @@
 Both optimisers' ``weight_decay`` adds ``wd·θ`` to every gradient (coupled L2, not AdamW), i.e. they minimise
 ``(1/n) Σ ℓ(zᵢ, θ) + (wd/2)‖θ‖²`` — exactly the training objective the influence engine assumes, with the same
 ``wd`` read back from the checkpoint.
+
+Every run has an id written into each of its checkpoints, so checkpoint sums (TracIn) never mix runs that wrote
+into the same folder.  Each epoch checkpoint also carries the optimiser's state, the batch-order generator and
+torch's RNG, so ``resume=True`` continues an interrupted run from its last checkpoint and ends bit for bit where
+the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointMeta, save_checkpoint
+from .checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from .data import ImageDataset
+from .data.noise import write_noise_record
 from .errors import UserError
+from .files import write_json
+from .models import build_model, count_parameters
 from .progress import bar, write
-from .models import build_model, count_parameters, resolve_factory
-from .settings import to_dict, write_json
+from .settings import to_dict, validate
+from .settings.train import TrainConfig
 
-
-@dataclass
-class TrainConfig:
-    arch: str = "cnn"  # cnn | logreg | mlp | resnet18 | module:callable
-    epochs: int = 6
-    batch_size: int = 32
-    optimizer: str = "adam"  # adam | sgd
-    lr: float = 3e-3  # peak learning rate (after warm-up)
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 5e-4  # L2 coefficient wd of the objective (1/n)Σℓ + (wd/2)‖θ‖²
-    schedule: str = "cosine"  # cosine | constant (per step; the checkpoint records the epoch's mean lr)
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise UserError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        resolve_factory(self.arch)
-        if self.optimizer not in ("adam", "sgd"):
-            raise UserError(f"unknown --optimizer {self.optimizer!r}: use adam or sgd")
-        if self.schedule not in ("cosine", "constant"):
-            raise UserError(f"unknown --schedule {self.schedule!r}: use cosine or constant")
+__all__ = ["TrainConfig", "evaluate", "train", "epoch_checkpoints"]
 
 
 @torch.no_grad()
@@ -76,37 +60,76 @@ def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train(
-    cfg: TrainConfig,
-    train_set: ImageDataset,
-    test_set: ImageDataset | None,
-    out_dir: str | Path,
-    device: torch.device | str = "cpu",
-    *,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train ``cfg.arch`` on ``train_set``; write ``epoch-E.pt`` per epoch, ``final.pt``, ``metrics.json``."""
-    cfg.validate()
+def epoch_checkpoints(folder: Path, run_id: str | None = None) -> list[Path]:
+    """``epoch-E.pt`` files in ``folder`` in epoch order (only those of run ``run_id`` when given)."""
+    found = []
+    for p in folder.glob("epoch-*.pt"):
+        tail = p.stem.split("-", 1)[1]
+        if tail.isdigit():
+            found.append((int(tail), p))
+    paths = [p for _, p in sorted(found)]
+    if run_id is not None:
+        paths = [p for p in paths if load_checkpoint(p).meta.run_id == run_id]
+    return paths
+
+
+def _resume_point(out: Path, cfg: TrainConfig, train_set: ImageDataset, device: torch.device | str):
+    """The last epoch checkpoint of the run in ``out``, checked to be the same training."""
+    paths = epoch_checkpoints(out)
+    if not paths:
+        raise UserError(f"--resume: no epoch-E.pt checkpoints in {out} to continue from (drop --resume to start afresh)")
+    ckpt = load_checkpoint(paths[-1], device=device, train_state=True)
+    if ckpt.train_state is None:
+        raise UserError(f"--resume: {paths[-1]} holds no optimiser state to continue from")
+    differ = [k for k, v in to_dict(cfg).items() if ckpt.meta.train_config.get(k) != v]
+    if differ:
+        raise UserError(f"--resume: the run in {out} was trained with other settings ({', '.join(differ)} differ): "
+                        "resume with the same flags")
+    if ckpt.meta.data_config.identity() != train_set.config.identity():
+        raise UserError(f"--resume: the run in {out} was trained on other data: resume with the same data flags")
+    return ckpt
+
+
+def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | None, out_dir: str | Path,
+          device: torch.device | str = "cpu", *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg.arch`` on ``train_set``; write ``epoch-E.pt`` per epoch, ``final.pt``, ``metrics.json``.
+    ``resume``: continue the run whose checkpoints are in ``out_dir`` from its last epoch."""
+    validate(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    start = _resume_point(out, cfg, train_set, device) if resume else None
     c, s, _ = train_set.image_shape
-    model = build_model(cfg.arch, train_set.num_classes, c, s).to(device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, train_set.num_classes, c, s, trusted=True).to(device)
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, first_epoch, history, run_id = 0, 1, [], uuid.uuid4().hex[:12]
+    if start is not None:
+        state = start.train_state
+        model.load_state_dict(start.model.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, history, run_id = int(state["step"]), list(state["history"]), start.meta.run_id
+        first_epoch = start.meta.epoch + 1
+        if progress:
+            write(f"resuming run {run_id} after epoch {start.meta.epoch}")
+    elif progress:
+        others = [p.name for p in epoch_checkpoints(out) if int(p.stem.split("-")[1]) > cfg.epochs]
+        if others:
+            write(f"note: {out} also holds {', '.join(others)} from another run; they are not part of this one "
+                  "(TracIn reads only this run's checkpoints)")
     x_all, y_all = train_set.tensors(device=device)
     n = len(train_set)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    if train_set.noise is not None:
-        write_json(out / "noise.json", train_set.noise)
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    write_noise_record(out, train_set)
+    meta = start.meta if start is not None else None
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
         lrs = []
@@ -144,14 +167,19 @@ def train(
             optimizer={"name": cfg.optimizer, "lr": record["lr"], "peak_lr": cfg.lr, "momentum": cfg.momentum,
                        "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "schedule": cfg.schedule},
             metrics={k: v for k, v in record.items() if k != "epoch"},
-            train_config=to_dict(cfg),
+            train_config=to_dict(cfg), run_id=run_id,
         )
-        save_checkpoint(out / f"epoch-{epoch}.pt", model, meta)
+        state = {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "step": step, "history": history}
+        save_checkpoint(out / f"epoch-{epoch}.pt", model, meta, state)
         if progress:
             test_txt = f", test accuracy {record['test_accuracy']:.4f}" if test_set is not None else ""
             write(f"epoch {epoch}: train accuracy {record['train_accuracy']:.4f}{test_txt}")
+    if meta is None:
+        raise UserError(f"--resume: the run in {out} is already complete ({cfg.epochs} epochs)")
     save_checkpoint(out / "final.pt", model, meta)
     result = {
+        "run_id": run_id,
         "train_config": to_dict(cfg),
         "data": to_dict(train_set.config),
         "parameters": count_parameters(model),

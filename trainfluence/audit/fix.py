@@ -15,6 +15,7 @@ from ..checkpoint import Checkpoint
 from ..data import ImageDataset
 from ..errors import UserError
 from ..progress import write
+from ..models import resolve_factory
 from ..settings import from_dict
 from ..train import TrainConfig, evaluate, train
 
@@ -26,11 +27,14 @@ def relabeled(dataset: ImageDataset, indices: np.ndarray, labels: np.ndarray) ->
 
 
 def fix_experiment(ckpt: Checkpoint, train_set: ImageDataset, test_set: ImageDataset, choices: dict[str, np.ndarray],
-                   suggested: np.ndarray, device: torch.device) -> dict[str, Any]:
-    """For each named choice of K indices: relabel them to ``suggested``, retrain, and measure test accuracy."""
+                   suggested: np.ndarray, device: torch.device, arch: str | None = None) -> dict[str, Any]:
+    """For each named choice of K indices: relabel them to ``suggested``, retrain, and measure test accuracy.
+    The training settings come from the checkpoint, but its architecture must be registered unless the caller
+    names it (``arch``): retraining must not run code a file chose."""
     if not ckpt.meta.train_config:
         raise UserError(f"{ckpt.path} does not record its training settings, so --fix cannot retrain it the same way")
     cfg = from_dict(TrainConfig, ckpt.meta.train_config)
+    resolve_factory(cfg.arch, trusted=cfg.arch == arch)
     before = evaluate(ckpt.model, test_set, device)["accuracy"]
     truth = train_set.clean_labels.numpy() if train_set.clean_labels is not None else None
     results: dict[str, Any] = {"k": len(next(iter(choices.values()))), "test_accuracy_before": before,

@@ -2,38 +2,37 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..data import ImageDataset  # noqa: E402
-from ..report import html  # noqa: E402
-from ..report.figures import save_thumbnail  # noqa: E402
-from .metrics import recall_curve, roc_curve  # noqa: E402
+from ..data import ImageDataset
+from ..report import html
+from ..report.csvfile import write_csv as write_rows
+from ..report.figures import plt, save_figure, save_thumbnail
+from .metrics import recall_curve, roc_curve
 
 
 def write_csv(path: Path, order: np.ndarray, train: ImageDataset, scores: dict[str, np.ndarray], suggested: np.ndarray,
               suggested_prob: np.ndarray, si_suggested: dict[int, int], truth: np.ndarray | None) -> None:
     names = train.classes
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        head = ["rank", "index", "given_label", "suggested_label", "suggested_probability", "self_influence_label",
-                *scores, *(["is_flipped", "original_label"] if truth is not None else [])]
-        w.writerow(head)
-        labels = train.labels.numpy()
+    head = ["rank", "index", *(["path"] if train.paths is not None else []), "given_label", "suggested_label",
+            "suggested_probability", "self_influence_label", *scores,
+            *(["is_flipped", "original_label"] if truth is not None else [])]
+    labels = train.labels.numpy()
+
+    def rows():
         for rank, i in enumerate(order, start=1):
-            row = [rank, int(i), names[labels[i]], names[suggested[i]], f"{suggested_prob[i]:.6f}",
+            row = [rank, int(i), *([train.paths[i]] if train.paths is not None else []), names[labels[i]],
+                   names[suggested[i]], f"{suggested_prob[i]:.6f}",
                    names[si_suggested[int(i)]] if int(i) in si_suggested else "",
                    *(f"{scores[s][i]:.8g}" for s in scores)]
             if truth is not None:
                 row += [int(truth[i] != labels[i]), names[truth[i]]]
-            w.writerow(row)
+            yield row
+
+    write_rows(path, head, rows())
 
 
 def plots(out: Path, scores: dict[str, np.ndarray], flipped: np.ndarray) -> list[str]:
@@ -50,8 +49,7 @@ def plots(out: Path, scores: dict[str, np.ndarray], flipped: np.ndarray) -> list
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "recall_vs_inspected.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "recall_vs_inspected.png")
     files.append("recall_vs_inspected.png")
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, s in scores.items():
@@ -63,8 +61,7 @@ def plots(out: Path, scores: dict[str, np.ndarray], flipped: np.ndarray) -> list
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "roc.png")
     files.append("roc.png")
     return files
 

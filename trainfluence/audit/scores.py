@@ -25,7 +25,6 @@ the default because it is TracIn's definition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -33,11 +32,12 @@ import torch
 
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import ImageDataset
-from ..errors import UserError
 from ..gradients import GradientComputer
 from ..influence import InfluenceEngine
 from ..objective import FunctionalModel, Objective
 from ..progress import bar
+from ..settings.audit import SCORE_NAMES
+from ..train import epoch_checkpoints
 
 
 # ---- numpy in, numpy out ---------------------------------------------------------------------------------
@@ -86,12 +86,6 @@ def squared_gradient_norms(model: torch.nn.Module, data: ImageDataset, space: st
     return torch.cat(norms).numpy()
 
 
-def epoch_checkpoints(final: Path) -> list[Path]:
-    """The ``epoch-E.pt`` files beside a checkpoint, in epoch order (the checkpoint itself if there are none)."""
-    found = sorted(final.parent.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]) if p.stem.split("-")[1].isdigit() else 0)
-    return found or [final]
-
-
 @dataclass
 class AuditContext:
     checkpoint: Checkpoint
@@ -102,6 +96,7 @@ class AuditContext:
     tracin_params: str = "all"
     tracin_weights: str = "lr"  # lr: ηₜ, each epoch's mean learning rate (Pruthi et al.) | uniform: 1 per checkpoint
     seed: int = 0
+    arch: str | None = None  # the architecture the user named (for module:callable checkpoints)
     _probs: np.ndarray | None = field(default=None, repr=False)
     _engine: InfluenceEngine | None = field(default=None, repr=False)
     _tracin_norms: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
@@ -123,24 +118,39 @@ class AuditContext:
             self._engine = self.engine_factory()
         return self._engine
 
+    @property
+    def engine_used(self) -> InfluenceEngine | None:
+        """The engine, if a score needed it (None otherwise: nothing to report about it)."""
+        return self._engine
+
 
 def _self_influence(ctx: AuditContext) -> np.ndarray:
     return ctx.engine.self_influence()
 
 
+def run_checkpoints(ckpt: Checkpoint) -> tuple[list, list[str]]:
+    """The epoch checkpoints of ``ckpt``'s own run (same run id) beside it, and notes on what was left out."""
+    folder = ckpt.path.parent
+    everything = epoch_checkpoints(folder)
+    mine = epoch_checkpoints(folder, run_id=ckpt.meta.run_id) if everything else []
+    notes = []
+    if len(mine) < len(everything):
+        others = sorted(set(p.name for p in everything) - set(p.name for p in mine))
+        notes.append(f"tracin: left out {', '.join(others)} (another run wrote them into {folder})")
+    if not mine:
+        notes.append(f"tracin: no epoch-E.pt checkpoints of this run beside {ckpt.path}; used that checkpoint alone")
+        mine = [ckpt.path]
+    return mine, notes
+
+
 def _tracin(ctx: AuditContext) -> np.ndarray:
-    if ctx.tracin_weights not in ("lr", "uniform"):
-        raise UserError(f"unknown tracin weights {ctx.tracin_weights!r}: use lr or uniform")
     key = (ctx.tracin_space, ctx.tracin_params)
     if key not in ctx._tracin_norms:  # [T, n] squared norms and the T learning rates, computed once per context
-        paths = epoch_checkpoints(ctx.checkpoint.path)
-        if len(paths) == 1:
-            ctx.notes.append(f"tracin: no epoch-E.pt checkpoints beside {ctx.checkpoint.path}; used that checkpoint alone")
+        paths, notes = run_checkpoints(ctx.checkpoint)
+        ctx.notes.extend(n for n in notes if n not in ctx.notes)
         norms, lrs = [], []
         for path in bar(paths, desc=f"tracin ({ctx.tracin_space})", unit="ckpt"):
-            ckpt = ctx.checkpoint if path == ctx.checkpoint.path else load_checkpoint(path, device=ctx.device)
-            if ckpt.meta.arch != ctx.checkpoint.meta.arch or ckpt.meta.num_classes != ctx.checkpoint.meta.num_classes:
-                raise UserError(f"{path} is not a checkpoint of the same model as {ctx.checkpoint.path}")
+            ckpt = ctx.checkpoint if path == ctx.checkpoint.path else load_checkpoint(path, device=ctx.device, arch=ctx.arch)
             norms.append(squared_gradient_norms(ckpt.model, ctx.train, ctx.tracin_space, ctx.tracin_params, ctx.device))
             lrs.append(float(ckpt.meta.optimizer.get("lr", 1.0)))
         ctx._tracin_norms[key] = (np.stack(norms), np.array(lrs))
@@ -155,25 +165,17 @@ SCORES: dict[str, Callable[[AuditContext], np.ndarray]] = {
     "margin": lambda ctx: margin_score(ctx.probs, ctx.labels),
     "random": lambda ctx: random_score(len(ctx.train), ctx.seed),
 }
-DEFAULT_SCORE = "tracin"
+assert tuple(SCORES) == SCORE_NAMES, "settings.audit.SCORE_NAMES names the registry"
 
 
-def check_score_names(names: list[str]) -> None:
-    unknown = [n for n in names if n not in SCORES]
-    if unknown:
-        raise UserError(f"unknown score {unknown[0]!r}: use one of {', '.join(SCORES)}")
-
-
-def relabel_self_influence(engine: InfluenceEngine, x: torch.Tensor, num_classes: int) -> np.ndarray:
-    """[m, K]: self-influence of each example if it carried each label c (to suggest the least surprising one)."""
-    whiten = getattr(engine.solver, "whiten", None)
-    out = np.empty((len(x), num_classes))
+def relabel_self_influence(engine: InfluenceEngine, indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """[m, K]: self-influence of each training example if it carried each label c (to suggest the least
+    surprising one)."""
+    out = np.empty((len(indices), num_classes))
     for c in range(num_classes):
-        G = engine.gradients((x, torch.full((len(x),), c, dtype=torch.long))).to(engine.device)
-        vals = whiten(engine.operator, G).double().pow(2).sum(1) if whiten else (engine.inverse_hvp(G).double() * G.double()).sum(1)
-        out[:, c] = vals.cpu().numpy()
+        out[:, c] = engine.self_influence(indices, labels=torch.full((len(indices),), c, dtype=torch.long))
     return out
 
 
-__all__ = ["SCORES", "DEFAULT_SCORE", "AuditContext", "loss_score", "margin_score", "tracin_score", "random_score",
-           "relabel_self_influence", "squared_gradient_norms", "epoch_checkpoints"]
+__all__ = ["SCORES", "AuditContext", "loss_score", "margin_score", "tracin_score", "random_score",
+           "relabel_self_influence", "run_checkpoints", "squared_gradient_norms"]

@@ -1,63 +1,64 @@
-"""Arguments shared by several commands, and the helpers that turn them into datasets and checkpoints."""
+"""Arguments shared by several commands, and the helpers that turn them into datasets and checkpoints.
+
+Nothing heavy is imported at module level: parsers are built (and bad flags refused) before torch loads."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import dataclasses
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from ..checkpoint import Checkpoint, check_compatible, load_checkpoint
-from ..data import DataConfig, ImageDataset, load_dataset
-from ..device import resolve_device
 from ..errors import UserError
-from ..settings import write_json
-
-# DataConfig field → argparse dest
-DATA_FIELDS = {"spec": "spec", "data_root": "data_root", "download": "download", "image_size": "image_size",
-               "train_size": "train_size", "test_size": "test_size", "seed": "data_seed", "label_noise": "label_noise",
-               "noise_seed": "noise_seed"}
+from ..settings import validate
+from ..settings.data import DataConfig
+from .flags import add_settings, given
 
 
 def add_data_args(p: argparse.ArgumentParser, *, from_checkpoint: bool = False) -> None:
     """Dataset options.  With ``from_checkpoint`` every option defaults to what the checkpoint was trained on."""
-    note = " (default: the checkpoint's)" if from_checkpoint else ""
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", dest="spec", metavar="SPEC", default=None if from_checkpoint else "shapes",
-                   help=f"shapes | mnist | fashion-mnist | cifar10 | folder:PATH{note or ' (default: shapes, embedded)'}")
-    g.add_argument("--data-root", default=None, metavar="DIR", help="folder holding torchvision datasets (default: data)")
-    g.add_argument("--download", action="store_true", default=None, help="let torchvision download missing dataset files")
-    g.add_argument("--image-size", type=int, default=None, metavar="S", help=f"shapes: generated size; folder: resize to S (default 32){note}")
-    g.add_argument("--train-size", type=int, default=None, metavar="N", help=f"shapes: images generated (default 6000); others: first N{note}")
-    g.add_argument("--test-size", type=int, default=None, metavar="N", help=f"shapes: images generated (default 1200); others: first N{note}")
-    g.add_argument("--data-seed", type=int, default=None, metavar="S", help=f"shapes generator seed (default 0){note}")
-    g.add_argument("--label-noise", type=float, default=None, metavar="RATE", help=f"flip exactly round(RATE*n) training labels (default 0){note}")
-    g.add_argument("--noise-seed", type=int, default=None, metavar="S", help=f"seed of the flipped labels (default 0){note}")
+    g = p.add_argument_group("data" + (" (each defaults to the checkpoint's; --download never does)" if from_checkpoint else ""))
+    add_settings(g, DataConfig)
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by trainfluence train")
+    p.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
+                   help="build the checkpoint's model with this factory — needed when the checkpoint names your own "
+                        "module:callable architecture: a checkpoint alone never makes trainfluence import code")
+    add_data_args(p, from_checkpoint=True)
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N (default auto)")
+
+
+def add_out_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--out", default=default, metavar="DIR", help=f"output folder (default {default})")
 
 
 def data_config(args: argparse.Namespace, base: DataConfig | None = None) -> DataConfig:
-    """Merge command-line data options over ``base`` (the checkpoint's settings) or the defaults."""
+    """The data options given on the command line over ``base`` (the checkpoint's settings) or the defaults."""
     cfg = base or DataConfig()
-    changes = {f: getattr(args, dest) for f, dest in DATA_FIELDS.items() if getattr(args, dest, None) is not None}
+    changes = given(args, DataConfig)
     if "spec" in changes and base is not None and changes["spec"] != base.spec:
-        # another dataset: the checkpoint's sizes and noise do not carry over
-        cfg = replace(DataConfig(), data_root=base.data_root)
-    return replace(cfg, **changes)
+        cfg = dataclasses.replace(DataConfig(), data_root=base.data_root)  # other data: sizes and noise don't carry over
+    return validate(dataclasses.replace(cfg, **changes))
 
 
-def load_splits(cfg: DataConfig) -> tuple[ImageDataset, ImageDataset]:
+def load_splits(cfg: DataConfig) -> tuple[Any, Any]:
+    from ..data import load_dataset
+
     return load_dataset(cfg, "train"), load_dataset(cfg, "test")
 
 
-def load_checkpoint_and_data(args: argparse.Namespace) -> tuple[Checkpoint, ImageDataset, ImageDataset, torch.device]:
+def load_checkpoint_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """``--checkpoint`` plus data options → (checkpoint on the device, train split, test split, device)."""
+    from ..checkpoint import check_compatible, load_checkpoint
+    from ..device import resolve_device
+
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device=device)
+    ckpt = load_checkpoint(args.checkpoint, device=device, arch=args.arch)
     train, test = load_splits(data_config(args, ckpt.meta.data_config))
     check_compatible(ckpt.meta, train)
     return ckpt, train, test, device
@@ -71,6 +72,7 @@ def prepare_out(path: str | Path) -> Path:
     return out
 
 
-def write_noise_record(out: Path, dataset: ImageDataset) -> None:
-    if dataset.noise is not None:
-        write_json(out / "noise.json", dataset.noise)
+def check_indices(indices: list[int], size: int, flag: str, what: str) -> None:
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise UserError(f"{flag} {bad[0]} is out of range: {what} has {size} images (0..{size - 1})")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..demo import DemoSettings, run_demo
-from ..device import resolve_device
 from .common import add_device_arg, prepare_out
 
 HELP = "run the whole pipeline on the embedded shapes data (10%% planted label noise) and write one HTML report"
@@ -22,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..demo import DemoSettings, run_demo
+    from ..device import resolve_device
+
     settings = DemoSettings.small() if args.small else DemoSettings()
     out = prepare_out(args.out)
     s = run_demo(Path(out), settings, resolve_device(args.device), Path(args.cache_dir))

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from ..train import evaluate
-from .common import add_data_args, add_device_arg, load_checkpoint_and_data
+from .common import add_checkpoint_args, add_device_arg, load_checkpoint_and_data
 
 HELP = "print a checkpoint's train and test accuracy on a dataset"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help=HELP, description=HELP + ".")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by trainfluence train")
-    add_data_args(p, from_checkpoint=True)
+    add_checkpoint_args(p)
     add_device_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train import evaluate
+
     ckpt, train, test, device = load_checkpoint_and_data(args)
     for split in (train, test):
         m = evaluate(ckpt.model, split, device)

@@ -1,53 +1,43 @@
-"""Options of the influence engine, shared by ``explain`` and ``audit``; one flag per solver setting, generated
-from each solver's settings dataclass (``--lissa-depth``, ``--arnoldi-rank``, ``--cg-maxiter`` …)."""
+"""Options of the influence engine, shared by ``cache``, ``explain`` and ``audit``: the store's, the engine's and
+one flag per solver setting (``--lissa-depth``, ``--arnoldi-rank``, ``--cg-maxiter`` …), all generated from the
+settings dataclasses, so the three commands and the Python API share one set of defaults."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
-from ..influence import InfluenceEngine
-from ..solvers import SOLVERS
-from .cache_cmd import add_store_args, store_settings
+from ..errors import UserError
+from ..settings.influence import SOLVER_SETTINGS, InfluenceSettings, StoreSettings
+from .flags import add_settings, given, settings_from
 
 
-def _parse_value(default: Any):
-    if isinstance(default, bool):
-        return lambda text: text.lower() in ("1", "true", "yes")
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    if default is None:
-        return lambda text: None if text.lower() == "none" else int(text)
-    return lambda text: text if text == "auto" else float(text)  # e.g. LiSSA's scale: a number or "auto"
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("gradient store")
+    add_settings(g, StoreSettings)
+    g.add_argument("--cache-dir", default="cache", metavar="DIR", help="where stores and cached s_test live (default cache/)")
 
 
-def add_influence_args(p: argparse.ArgumentParser, *, solver: str, damping: float, params: str,
-                       hessian_samples: int | None) -> None:
-    add_store_args(p, params_default=params)
-    g = p.add_argument_group("influence")
-    g.add_argument("--solver", default=solver, choices=list(SOLVERS), help=f"inverse-HVP solver (default {solver})")
-    g.add_argument("--damping", type=float, default=damping, help=f"λ in H = ∇²L + λI (default {damping})")
-    g.add_argument("--weight-decay", type=float, default=None, help="wd of the objective (default: the checkpoint's)")
-    g.add_argument("--hessian-samples", type=int, default=hessian_samples,
-                   help=f"build H from this many random training examples (default {hessian_samples or 'all'})")
-    for name, (_cls, settings_cls) in SOLVERS.items():
-        sg = p.add_argument_group(f"{name} solver")
-        for f in dataclasses.fields(settings_cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            sg.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"{name}__{f.name}", type=_parse_value(default),
-                            default=None, metavar=f.name.upper(), help=f"(default {default})")
+def add_influence_args(p: argparse.ArgumentParser) -> None:
+    add_store_args(p)
+    add_settings(p.add_argument_group("influence"), InfluenceSettings)
+    for name, cls in SOLVER_SETTINGS.items():
+        add_settings(p.add_argument_group(f"{name} solver"), cls, prefix=f"{name}-", dest_prefix=f"{name}__")
 
 
-def solver_settings(args: argparse.Namespace) -> dict[str, Any]:
-    prefix = f"{args.solver}__"
-    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+def solver_options(args: argparse.Namespace, solver: str) -> dict[str, Any]:
+    """The chosen solver's flags; a flag of another solver is an error (it would be silently ignored)."""
+    for name, cls in SOLVER_SETTINGS.items():
+        other = given(args, cls, dest_prefix=f"{name}__")
+        if name != solver and other:
+            flag = "--" + name + "-" + next(iter(other)).replace("_", "-")
+            raise UserError(f"{flag} applies to --solver {name}, but the solver is {solver}: drop it or pass --solver {name}")
+    return given(args, SOLVER_SETTINGS[solver], dest_prefix=f"{solver}__")
 
 
-def engine_from_args(args: argparse.Namespace, ckpt, train, device) -> InfluenceEngine:
-    wd = ckpt.meta.weight_decay if args.weight_decay is None else args.weight_decay
-    return InfluenceEngine(ckpt.model, train, solver=args.solver, damping=args.damping, weight_decay=wd,
-                           solver_settings=solver_settings(args), hessian_samples=args.hessian_samples,
-                           store_settings=store_settings(args), cache_dir=args.cache_dir, device=device)
+def engine_from_args(args: argparse.Namespace, ckpt: Any, train: Any, device: Any) -> Any:
+    from ..influence import InfluenceEngine
+
+    settings = settings_from(args, InfluenceSettings)
+    return InfluenceEngine(ckpt, train, settings=settings, store=settings_from(args, StoreSettings),
+                           solver_settings=solver_options(args, settings.solver), cache_dir=args.cache_dir, device=device)

@@ -8,7 +8,6 @@ ground-truth boxes and object masks (shapes only) and the planted label-noise re
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,29 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..settings import to_dict
-
-
-@dataclass
-class DataConfig:
-    """How to rebuild a dataset; saved in checkpoints and beside every result."""
-
-    spec: str = "shapes"  # shapes | mnist | fashion-mnist | cifar10 | folder:PATH
-    data_root: str = "data"  # where torchvision datasets live (MNIST files under DATA_ROOT/MNIST/raw)
-    download: bool = False  # let torchvision download missing files (opt-in)
-    image_size: int | None = None  # shapes: generated size (default 32); folder: resize to this (default 32)
-    train_size: int | None = None  # shapes: number generated (default 6000); others: keep the first N
-    test_size: int | None = None  # shapes: number generated (default 1200); others: keep the first N
-    seed: int = 0  # shapes generator seed
-    label_noise: float = 0.0  # fraction of training labels flipped (exactly round(rate * n))
-    noise_seed: int = 0
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that decide the content (where files live and whether to download do not)."""
-        d = to_dict(self)
-        d.pop("data_root")
-        d.pop("download")
-        return d
+from ..fingerprint import fingerprint
+from ..settings.data import DataConfig
 
 
 @dataclass
@@ -66,6 +44,7 @@ class ImageDataset(Dataset):
     masks: torch.Tensor | None = None  # bool [n, H, W] object pixels, where known (shapes)
     noise: NoiseRecord | None = None
     clean_labels: torch.Tensor | None = None  # labels before noise, where noise was planted
+    paths: list[str] | None = None  # the file of each item (folder datasets), shown beside its index in reports
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -120,13 +99,12 @@ class ImageDataset(Dataset):
     def fingerprint(self) -> str:
         """SHA-256 over the content-deciding settings, split, pixels and labels (noise included)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(repr(sorted(self.config.identity().items())).encode())
-            h.update(self.split.encode())
-            h.update(self.images.contiguous().numpy().tobytes())
-            h.update(self.labels.contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = fingerprint(self.config.identity(), self.split, self.images, self.labels)
         return self._fingerprint
+
+    def describe_item(self, i: int) -> dict[str, Any]:
+        """How reports name item ``i``: its index, and its file where it has one."""
+        return {"index": int(i), **({"path": self.paths[int(i)]} if self.paths is not None else {})}
 
     def describe(self) -> str:
         c, h, w = self.image_shape

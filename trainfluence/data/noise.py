@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import NoiseRecord
+from ..files import write_json
+from .base import ImageDataset, NoiseRecord
 
 
 def flip_labels(labels: torch.Tensor, num_classes: int, rate: float, seed: int) -> tuple[torch.Tensor, NoiseRecord]:
@@ -30,3 +33,9 @@ def flip_labels(labels: torch.Tensor, num_classes: int, rate: float, seed: int) 
     noisy[torch.from_numpy(indices)] = torch.from_numpy(flipped.astype(np.int64))
     record = NoiseRecord(rate, seed, indices.tolist(), original.tolist(), flipped.tolist())
     return noisy, record
+
+
+def write_noise_record(out: Path, dataset: ImageDataset) -> None:
+    """``noise.json`` beside a run's results: which training labels were flipped on purpose (the one writer)."""
+    if dataset.noise is not None:
+        write_json(out / "noise.json", dataset.noise)

@@ -7,13 +7,14 @@ with ``len()``, ``tensors(indices)`` and ``fingerprint()``.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from ..checks import require_finite
 from ..errors import UserError
+from ..fingerprint import fingerprint
 from ..progress import bar
 from .base import ImageDataset
 
@@ -32,6 +33,7 @@ class TensorSource:
             raise UserError(f"inputs and labels differ in length: {len(inputs)} vs {len(labels)}")
         self.inputs = inputs if inputs.is_floating_point() else inputs.float()
         self.labels = labels.long().reshape(-1)
+        require_finite(self.inputs, "the inputs", "clean the data (NaN or Inf pixels)")
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -45,11 +47,7 @@ class TensorSource:
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(str(tuple(self.inputs.shape)).encode())
-            h.update(self.inputs.contiguous().numpy().tobytes())
-            h.update(self.labels.contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = fingerprint(self.inputs, self.labels)
         return self._fingerprint
 
 

@@ -21,6 +21,7 @@ class RawSplit:
     std: tuple[float, ...]
     boxes: torch.Tensor | None = None
     masks: torch.Tensor | None = None
+    paths: list[str] | None = None  # file of each image (folder datasets)
 
 
 # name → (torchvision class name, folder torchvision looks in, mean, std)

@@ -1,4 +1,5 @@
-"""Image grids and thumbnails (matplotlib, Agg backend; PIL for plain thumbnails)."""
+"""Image grids and thumbnails (PIL for plain thumbnails), and the one place matplotlib is set up: the Agg
+backend (no display needed), imported lazily-safe as ``plt`` by every module that draws."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from ..files import save_with  # noqa: E402
+
+__all__ = ["Panel", "panel_grid", "plt", "save_figure", "save_thumbnail", "to_display"]
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    try:
+        return save_with(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def to_display(pixels: torch.Tensor) -> np.ndarray:
@@ -74,10 +87,7 @@ def panel_grid(rows: list[list[Panel]], path: str | Path, *, title: str | None =
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_thumbnail(pixels: torch.Tensor, path: str | Path, size: int = 96) -> Path:
@@ -87,6 +97,4 @@ def save_thumbnail(pixels: torch.Tensor, path: str | Path, size: int = 96) -> Pa
     pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     scale = max(1, size // max(arr.shape[0], arr.shape[1]))
     pil = pil.resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-    path = Path(path)
-    pil.save(path)
-    return path
+    return save_with(path, lambda tmp: pil.save(tmp, format="PNG"))

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 from urllib.parse import quote
 
+from ..files import write_text
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
@@ -40,6 +42,8 @@ def link(href: str | Path, text: str) -> str:
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     def cell(v: object) -> str:
+        if v is None:
+            return "—"
         if isinstance(v, float):
             return esc(f"{v:.4g}")
         return esc(v)
@@ -56,6 +60,4 @@ def page(title: str, body: str) -> str:
 
 
 def write_page(path: str | Path, title: str, body: str) -> Path:
-    path = Path(path)
-    path.write_text(page(title, body), encoding="utf-8")
-    return path
+    return write_text(path, page(title, body))

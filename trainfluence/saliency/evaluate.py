@@ -114,6 +114,9 @@ def randomization_check(model: nn.Module, x: torch.Tensor, methods: list[str],
             with warnings.catch_warnings():  # a map that became constant has no rank correlation (nan, skipped)
                 warnings.simplefilter("ignore")
                 rho = [spearmanr(a.reshape(-1).numpy(), b.reshape(-1).numpy())[0] for a, b in zip(original, maps)]
-            rows.append({"randomized_through": name, "layers": depth, "spearman": float(np.nanmean(rho))})
+            defined = [r for r in rho if np.isfinite(r)]
+            # every map constant (e.g. all zero once the top layers are random): no correlation to report
+            rows.append({"randomized_through": name, "layers": depth,
+                         "spearman": float(np.mean(defined)) if defined else None, "images": len(defined)})
         out[method] = rows
     return out

@@ -13,7 +13,7 @@ from torch import nn
 from ..data import ImageDataset
 from ..report import html
 from ..report.figures import Panel, panel_grid, to_display
-from ..settings import write_json
+from ..files import write_json
 from . import attribute_full
 from .base import evaluating
 from .evaluate import evaluate_methods, randomization_check

@@ -128,20 +128,26 @@ def make_target(target: object, num_classes: int | None = None) -> Target:
     raise UserError(f"cannot use {target!r} as a saliency target")
 
 
+def class_index(token: str, classes: Sequence[str], flag: str = "class") -> int:
+    """One class, by name or by index; anything else is an error naming ``flag``."""
+    if token in classes:
+        return list(classes).index(token)
+    try:
+        value = int(token)
+    except ValueError:
+        raise UserError(f"{flag}: unknown class {token!r}: use an index 0..{len(classes) - 1} or one of "
+                        f"{', '.join(classes)}") from None
+    if not 0 <= value < len(classes):
+        raise UserError(f"{flag}: class {value} out of range 0..{len(classes) - 1}")
+    return value
+
+
 def parse_target(text: str, classes: Sequence[str]) -> Target | str:
     """CLI spellings: ``pred`` | ``label`` | ``C`` | ``C1-C2`` (contrast) | ``classes:C,C`` | ``neuron:LAYER:CH[:Y:X]``.
     Classes by index or by name.  Returns ``"pred"``/``"label"`` for the per-example choices."""
 
     def cls(token: str) -> int:
-        if token in classes:
-            return list(classes).index(token)
-        try:
-            value = int(token)
-        except ValueError:
-            raise UserError(f"unknown class {token!r}: use an index 0..{len(classes) - 1} or one of {', '.join(classes)}") from None
-        if not 0 <= value < len(classes):
-            raise UserError(f"class {value} out of range 0..{len(classes) - 1}")
-        return value
+        return class_index(token, classes, "--target")
 
     if text in ("pred", "label"):
         return text

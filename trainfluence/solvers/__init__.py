@@ -1,4 +1,5 @@
-"""Inverse-HVP solvers: one registry, each with its settings dataclass and one ``inverse_hvp(op, V)``.
+"""Inverse-HVP solvers: one registry, each with its settings dataclass (:mod:`trainfluence.settings.influence`)
+and one ``inverse_hvp(op, V)``; every solve leaves a :class:`SolveReport`.
 
 | name | method | cost |
 | --- | --- | --- |
@@ -10,39 +11,30 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from ..errors import UserError
-from .arnoldi import ArnoldiSettings, ArnoldiSolver
-from .base import Solver
-from .cg import CGSettings, CGSolver
-from .exact import ExactSettings, ExactSolver
-from .lissa import LissaSettings, LissaSolver
+from ..settings.influence import SOLVER_SETTINGS, solver_settings
+from .arnoldi import ArnoldiSolver
+from .base import EigenSolver, SolveReport, Solver
+from .cg import CGSolver
+from .exact import ExactSolver
+from .lissa import LissaSolver
 
-SOLVERS: dict[str, tuple[type[Solver], type]] = {
-    "exact": (ExactSolver, ExactSettings),
-    "lissa": (LissaSolver, LissaSettings),
-    "cg": (CGSolver, CGSettings),
-    "arnoldi": (ArnoldiSolver, ArnoldiSettings),
+SOLVERS: dict[str, type[Solver]] = {
+    "exact": ExactSolver,
+    "lissa": LissaSolver,
+    "cg": CGSolver,
+    "arnoldi": ArnoldiSolver,
 }
+assert tuple(SOLVERS) == tuple(SOLVER_SETTINGS), "settings.influence.SOLVER_SETTINGS names the registry"
 
 
-def make_solver(name: str, settings: Any = None, **overrides: Any) -> Solver:
-    """A solver by name; ``settings`` is its settings dataclass or a dict, ``overrides`` replace fields."""
-    if name not in SOLVERS:
-        raise UserError(f"unknown solver {name!r}: use one of {', '.join(SOLVERS)}")
-    cls, settings_cls = SOLVERS[name]
-    if settings is None:
-        settings = settings_cls()
-    elif isinstance(settings, dict):
-        unknown = set(settings) - {f.name for f in dataclasses.fields(settings_cls)}
-        if unknown:
-            raise UserError(f"unknown {name} setting(s) {', '.join(sorted(unknown))}")
-        settings = settings_cls(**settings)
-    if overrides:
-        settings = dataclasses.replace(settings, **overrides)
-    return cls(settings)  # type: ignore[call-arg]
+def make_solver(name: str, settings: Any = None) -> Solver:
+    """A solver by name; ``settings`` is its settings dataclass, a dict of its fields, or None (defaults).
+    Every setting is validated (a bad value is a one-line error naming its flag)."""
+    settings = solver_settings(name, settings)  # raises for an unknown name, naming the known ones
+    return SOLVERS[name](settings)
 
 
-__all__ = ["SOLVERS", "Solver", "make_solver", "ExactSolver", "LissaSolver", "CGSolver", "ArnoldiSolver"]
+__all__ = ["SOLVERS", "EigenSolver", "SolveReport", "Solver", "make_solver", "ExactSolver", "LissaSolver", "CGSolver",
+           "ArnoldiSolver"]

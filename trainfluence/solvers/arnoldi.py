@@ -11,44 +11,30 @@ used instead, which makes the result exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from ..errors import UserError
 from ..hvp import HessianOperator
-from .base import Solver
+from ..settings.influence import ArnoldiSettings
+from .base import EigenSolver
 
 
-@dataclass
-class ArnoldiSettings:
-    rank: int = 50  # number of top eigenpairs kept
-    tol: float = 1e-4  # eigsh's relative accuracy of the eigenvalues
-    maxiter: int | None = None
-    seed: int = 0
-
-
-class ArnoldiSolver(Solver):
+class ArnoldiSolver(EigenSolver):
     name = "arnoldi"
 
     def __init__(self, settings: ArnoldiSettings | None = None):
         super().__init__(settings or ArnoldiSettings())
-        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._op_id: int | None = None
+        self.hvp_calls = 0
 
-    def eigenpairs(self, op: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-r eigenvalues μ (descending) and eigenvectors U [p, r] of H (damping included); cached per operator."""
-        if self._eig is not None and self._op_id == id(op):
-            return self._eig
+    def compute_eigenpairs(self, op: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-r eigenvalues μ (descending) and eigenvectors U [p, r] of H (damping included); only the positive
+        ones are kept."""
         r = self.settings.rank
-        if r < 1:
-            raise UserError(f"the arnoldi rank must be positive, got {r}")
         if r >= op.dim - 1:
             evals, evecs = torch.linalg.eigh(op.dense())
             evals, evecs = evals.flip(0)[:r], evecs.flip(1)[:, :r]
-            calls = op.dim
+            self.hvp_calls = op.dim
         else:
             count = [0]
 
@@ -61,22 +47,6 @@ class ArnoldiSolver(Solver):
             vals, vecs = eigsh(A, k=r, which="LA", tol=self.settings.tol, maxiter=self.settings.maxiter, v0=v0)
             order = np.argsort(vals)[::-1]
             evals, evecs = torch.as_tensor(vals[order].copy()), torch.as_tensor(vecs[:, order].copy())
-            calls = count[0]
-        if float(evals.min()) <= 0:
-            keep = evals > 0
-            evals, evecs = evals[keep], evecs[:, keep]
-        if len(evals) == 0:
-            raise UserError("the damped Hessian has no positive eigenvalues: raise --damping")
-        self.trace = [{"hvp_calls": calls, "eigenvalues": evals.tolist()}]
-        self._eig, self._op_id = (evals, evecs), id(op)
-        return self._eig
-
-    def inverse_hvp(self, op: HessianOperator, V: torch.Tensor) -> torch.Tensor:
-        evals, evecs = self.eigenpairs(op)
-        out = ((V.to(evecs) @ evecs) / evals) @ evecs.T
-        return out.to(V.dtype).to(V.device)
-
-    def whiten(self, op: HessianOperator, G: torch.Tensor) -> torch.Tensor:
-        """diag(μ)^{-1/2} Uᵀ g for each row g of G: ‖·‖² is gᵀH⁻¹g in the low-rank approximation."""
-        evals, evecs = self.eigenpairs(op)
-        return ((G.to(evecs) @ evecs) / evals.sqrt()).to(G.dtype)
+            self.hvp_calls = count[0]
+        keep = evals > 0
+        return evals[keep], evecs[:, keep]

@@ -1,27 +1,91 @@
-"""The solver interface: one ``inverse_hvp`` over a batch of right-hand sides, H⁻¹ V for V [m, p]."""
+"""The solver interface: ``inverse_hvp(op, V)`` = H⁻¹ V for a batch of right-hand sides V [m, p], a
+:class:`SolveReport` saying how the last solve ended, and ``quadratic_form(op, G)`` = gᵀ H⁻¹ g per row (the
+self-influence), which eigen-solvers compute by whitening.
+"""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from ..errors import UserError
 from ..hvp import HessianOperator
 
 
 @dataclass
-class SolverSettings:
-    """Base of every solver's settings (saved beside cached s_test vectors)."""
+class SolveReport:
+    """How a solve ended; written beside every result that used it (``influence.json``, ``metrics.json``)."""
+
+    solver: str
+    converged: bool
+    steps: int = 0  # iterations or recursion steps (the most over the right-hand sides)
+    measure: str = ""  # what ``value`` measures, e.g. "relative residual"
+    value: float | None = None  # the worst over the right-hand sides
+    tolerance: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.converged:
+            what = f"{self.measure} {self.value:.3g}" if self.value is not None else "exact"
+            return f"{self.solver} converged ({what}{f' after {self.steps} steps' if self.steps else ''})"
+        return (f"{self.solver} did not converge: it stopped at its step limit ({self.steps}) with {self.measure} "
+                f"{self.value:.3g} above its tolerance {self.tolerance:.3g}")
 
 
-@dataclass
 class Solver:
-    """Subclasses set ``name`` and ``Settings`` and implement :meth:`inverse_hvp`."""
+    """Subclasses set ``name`` and implement :meth:`inverse_hvp` (and fill ``report``)."""
 
     name: ClassVar[str] = ""
-    settings: Any = None
-    trace: list[dict[str, Any]] = field(default_factory=list)  # convergence information of the last call
+    advice: ClassVar[str] = ""  # what to change when a solve does not converge
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self.report: SolveReport | None = None
 
     def inverse_hvp(self, op: HessianOperator, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def quadratic_form(self, op: HessianOperator, G: torch.Tensor) -> torch.Tensor:
+        """gᵀ H⁻¹ g for each row g of G (float64)."""
+        return (self.inverse_hvp(op, G).double() * G.double()).sum(1)
+
+
+class EigenSolver(Solver):
+    """Solvers that invert H through eigenpairs (μⱼ, uⱼ) of the damped H:  H⁻¹ v ≈ Σⱼ uⱼ (uⱼᵀ v) / μⱼ — all of them
+    (``exact``) or the top r (``arnoldi``).  The eigenpairs are computed once per operator and reused; then
+    gᵀ H⁻¹ g = ‖diag(μ)^{-1/2} Uᵀ g‖² costs one small product per example."""
+
+    def __init__(self, settings: Any):
+        super().__init__(settings)
+        self._cache: tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def compute_eigenpairs(self, op: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def eigenpairs(self, op: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues μ (descending, all positive) and eigenvectors U [p, r] of H, cached per operator."""
+        if self._cache is None or self._cache[0]() is not op:
+            evals, evecs = self.compute_eigenpairs(op)
+            if len(evals) == 0 or float(evals.min()) <= 0:
+                raise UserError(f"the damped Hessian is not positive definite (smallest eigenvalue "
+                                f"{float(evals.min()) if len(evals) else float('nan'):.3g}): raise --damping")
+            self._cache = (weakref.ref(op), (evals, evecs))
+            self.report = SolveReport(self.name, True, details={"rank": len(evals), "largest_eigenvalue": float(evals[0]),
+                                                                "smallest_eigenvalue": float(evals[-1])})
+        return self._cache[1]
+
+    def inverse_hvp(self, op: HessianOperator, V: torch.Tensor) -> torch.Tensor:
+        evals, evecs = self.eigenpairs(op)
+        out = ((V.to(evecs) @ evecs) / evals) @ evecs.T
+        return out.to(V.dtype).to(V.device)
+
+    def whiten(self, op: HessianOperator, G: torch.Tensor) -> torch.Tensor:
+        """diag(μ)^{-1/2} Uᵀ g for each row g of G."""
+        evals, evecs = self.eigenpairs(op)
+        return (G.to(evecs) @ evecs) / evals.sqrt()
+
+    def quadratic_form(self, op: HessianOperator, G: torch.Tensor) -> torch.Tensor:
+        return self.whiten(op, G).pow(2).sum(1)

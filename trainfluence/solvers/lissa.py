@@ -17,49 +17,31 @@ step, ‖h/s‖ and the relative change at every check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ..errors import UserError
 from ..hvp import HessianOperator
 from ..progress import bar
-from .base import Solver
-
-
-@dataclass
-class LissaSettings:
-    depth: int = 2000  # recursion steps per repeat (upper bound; early stopping may end sooner)
-    repeats: int = 1  # independent runs averaged
-    batch_size: int = 128  # examples per stochastic HVP
-    scale: float | str = "auto"  # s, or "auto" = scale_factor × top eigenvalue of H
-    scale_factor: float = 1.5
-    scale_samples: int = 1024  # examples in the power iteration behind scale="auto"
-    tol: float = 1e-4  # early stop on the relative change of the estimate over check_every steps
-    check_every: int = 25
-    seed: int = 0
+from ..settings.influence import LissaSettings
+from .base import SolveReport, Solver
 
 
 class LissaSolver(Solver):
     name = "lissa"
+    advice = "raise --lissa-batch-size or --lissa-repeats (the noise floor is the minibatch variance), or use --solver cg or exact"
 
     def __init__(self, settings: LissaSettings | None = None):
         super().__init__(settings or LissaSettings())
         self.scale_used: float | None = None
+        self.trace: list[dict] = []
 
     def resolve_scale(self, op: HessianOperator) -> float:
         s = self.settings.scale
         if s == "auto":
             top = op.subset(self.settings.scale_samples, self.settings.seed).top_eigenvalue(tol=1e-3, seed=self.settings.seed)
             return self.settings.scale_factor * max(top, 1e-12)
-        try:
-            value = float(s)
-        except (TypeError, ValueError):
-            raise UserError(f"LiSSA scale must be a positive number or 'auto', got {s!r}") from None
-        if value <= 0:
-            raise UserError(f"LiSSA scale must be positive, got {value}")
-        return value
+        return float(s)
 
     def _diverged(self, op: HessianOperator, scale: float, step: int, norm: float) -> UserError:
         top = op.top_eigenvalue(seed=self.settings.seed)
@@ -85,6 +67,7 @@ class LissaSolver(Solver):
         vnorm = V.norm(dim=1).clamp_min(1e-30)
         total = torch.zeros_like(V)
         self.trace = []
+        converged, steps, worst = True, 0, 0.0
         for r in range(st.repeats):
             rng = np.random.default_rng([st.seed, r])
             h = V.clone()
@@ -108,4 +91,8 @@ class LissaSolver(Solver):
                             break
             self.trace.append(trace)
             total += h / scale
+            final = trace["relative_change"][-1]
+            converged, steps, worst = converged and final < st.tol, max(steps, trace["steps"][-1]), max(worst, final)
+        self.report = SolveReport(self.name, converged, steps, "relative change", worst, st.tol,
+                                  {"scale": scale, "repeats": st.repeats, "batch_size": st.batch_size})
         return total / st.repeats

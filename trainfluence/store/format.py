@@ -1,0 +1,261 @@
+"""The on-disk format of the per-example gradient store: memory-mapped, checksummed chunk by chunk, sharded.
+
+One folder per key under the cache directory (default ``cache/``)::
+
+    <cache>/grads-<fingerprint of key>/
+        manifest.json      key (checkpoint fingerprint, dataset fingerprint and split, objective, parameter
+                           selection, projection dim/seed/kind, dtype, chunk size) + settings + layout + checksum
+        grads.npy          [n, d] fp16 (default when projected) or fp32, rows divided by ``scale``
+        scale.npy          [n] fp32 per-row scale: gᵢ = scale[i] · grads[i] (max-abs for fp16, 1 for fp32,
+                           so fp16 keeps ~3 significant digits whatever the gradient's magnitude)
+        loss.npy pred.npy label.npy     per-example loss, predicted class, label
+        chunks/000012.json completion record of chunk 12: rows and the SHA-256 of its bytes in every array
+        stest/ index-*.faiss           cached results (:mod:`.artefacts`), each with its checksum
+
+A chunk's rows are written into the memmaps and flushed, and only then its record is written (atomically), so a
+record vouches for bytes that are on disk; a record whose checksum no longer matches (a truncated or edited file)
+marks the chunk as missing.  The manifest carries a checksum of itself: a damaged manifest is detected, never
+half-read.  Arrays are allocated in full when created, so a full disk fails then, with one line, not later
+through a memory map.  Shards (``--shard i/n``, or one per rank under torchrun) own disjoint contiguous runs of
+chunks in the same files, so the store reads as one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import UserError
+from ..files import disk_full, read_json, reserve, temporary_name, write_json, DISK_FULL
+from ..fingerprint import fingerprint
+from ..projection import ProjectionSpec, Projector
+
+FORMAT = "trainfluence-gradient-store-2"
+ARRAYS = ("grads", "scale", "loss", "pred", "label")
+
+
+class CorruptStore(UserError):
+    """The store's manifest is unreadable or fails its checksum."""
+
+
+def store_key(*, model: str, dataset: str, split: str, n: int, objective: str, params: list[str],
+              projection: ProjectionSpec | None, dtype: str, chunk_size: int) -> dict[str, Any]:
+    """Everything the stored bytes depend on (``model`` and ``dataset`` are content fingerprints)."""
+    return {"format": FORMAT, "checkpoint": model, "dataset": dataset, "split": split, "n": n, "objective": objective,
+            "params": list(params), "projection": projection.as_dict() if projection else None, "dtype": dtype,
+            "chunk_size": chunk_size}
+
+
+def store_root(cache_dir: str | Path, key: dict[str, Any]) -> Path:
+    return Path(cache_dir) / f"grads-{fingerprint(key)}"
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    return fingerprint({k: v for k, v in manifest.items() if k != "checksum"}, length=None)
+
+
+class GradientStore:
+    """Read and write access to one store folder (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        try:
+            manifest = read_json(self.root / "manifest.json")
+            ok = isinstance(manifest, dict) and manifest.get("checksum") == _manifest_checksum(manifest)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise CorruptStore(f"gradient store {self.root} has a damaged manifest.json: delete the folder (or run "
+                               "`trainfluence cache` again, which rebuilds it)")
+        self.manifest: dict[str, Any] = manifest
+        self.n: int = manifest["n"]
+        self.dim: int = manifest["dim"]
+        self.chunk_size: int = manifest["key"]["chunk_size"]
+        self.dtype = np.float16 if manifest["key"]["dtype"] == "fp16" else np.float32
+        self._arrays: dict[str, np.memmap] = {}
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    @property
+    def num_chunks(self) -> int:
+        return (self.n + self.chunk_size - 1) // self.chunk_size
+
+    def chunk_rows(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size)
+
+    def shard_chunks(self, shard: tuple[int, int] = (0, 1)) -> range:
+        i, n = shard
+        return range(i * self.num_chunks // n, (i + 1) * self.num_chunks // n)
+
+    def array(self, name: str) -> np.memmap:
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self.root / f"{name}.npy", mmap_mode="r+")
+        return self._arrays[name]
+
+    @property
+    def key(self) -> dict[str, Any]:
+        return self.manifest["key"]
+
+    @property
+    def projection(self) -> ProjectionSpec | None:
+        p = self.key["projection"]
+        return ProjectionSpec(**p) if p else None
+
+    @property
+    def param_names(self) -> list[str]:
+        return self.key["params"]
+
+    def projector(self, sizes: list[int], device: Any = "cpu") -> Projector | None:
+        """The projection the store was built with (None for full gradients), for projecting other vectors."""
+        spec = self.projection
+        return Projector(spec, sizes, device, self.manifest.get("block_dims")) if spec else None
+
+    # ---- completion records -------------------------------------------------------------------------------
+    def record_path(self, c: int) -> Path:
+        return self.root / "chunks" / f"{c:06d}.json"
+
+    def checksum(self, c: int) -> str:
+        start, stop = self.chunk_rows(c)
+        return fingerprint(*(np.ascontiguousarray(self.array(a)[start:stop]) for a in ARRAYS), length=None)
+
+    def chunk_done(self, c: int, *, verify: bool = False) -> bool:
+        path = self.record_path(c)
+        if not path.is_file():
+            return False
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            return False
+        if not isinstance(record, dict) or record.get("rows") != list(self.chunk_rows(c)):
+            return False
+        return not verify or record.get("sha256") == self.checksum(c)
+
+    def missing_chunks(self, shard: tuple[int, int] = (0, 1), *, verify: bool = True) -> list[int]:
+        return [c for c in self.shard_chunks(shard) if not self.chunk_done(c, verify=verify)]
+
+    @property
+    def complete(self) -> bool:
+        return all(self.chunk_done(c) for c in range(self.num_chunks))
+
+    def write_chunk(self, c: int, grads: np.ndarray, loss: np.ndarray, pred: np.ndarray, label: np.ndarray) -> None:
+        """Store one chunk's rows (float32 gradients, scaled here), flush, then write its record."""
+        start, stop = self.chunk_rows(c)
+        if grads.shape != (stop - start, self.dim):
+            raise ValueError(f"chunk {c} expects {(stop - start, self.dim)} gradients, got {grads.shape}")
+        if self.dtype == np.float16:
+            scale = np.abs(grads).max(axis=1).astype(np.float32)
+            scale[scale == 0] = 1.0
+        else:
+            scale = np.ones(len(grads), dtype=np.float32)
+        values = {"grads": (grads / scale[:, None]).astype(self.dtype), "scale": scale, "loss": loss.astype(np.float32),
+                  "pred": pred.astype(np.int64), "label": label.astype(np.int64)}
+        for name, value in values.items():
+            arr = self.array(name)
+            arr[start:stop] = value
+            arr.flush()
+        write_json(self.record_path(c), {"chunk": c, "rows": [start, stop], "sha256": self.checksum(c)})
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def require_complete(self) -> None:
+        missing = [c for c in range(self.num_chunks) if not self.chunk_done(c)]
+        if missing:
+            raise UserError(f"gradient store {self.root} is incomplete ({len(missing)} of {self.num_chunks} chunks missing): "
+                            "run `trainfluence cache` again to finish it")
+
+    def read(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Gradients as float32 [m, d] (scale applied) for the given rows (all by default)."""
+        sel = slice(None) if rows is None else rows
+        return self.array("grads")[sel].astype(np.float32) * self.array("scale")[sel][:, None]
+
+    def iter_blocks(self, rows_per_block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, float32 block)`` over all rows, RAM bounded by the block size."""
+        step = rows_per_block or max(1, min(self.n, (64 << 20) // (4 * self.dim)))
+        for start in range(0, self.n, step):
+            yield start, self.read(slice(start, min(self.n, start + step)))
+
+    def column(self, name: str) -> np.ndarray:
+        return np.asarray(self.array(name))
+
+    def content_id(self) -> str:
+        """A fingerprint of every chunk's checksum: changes whenever any stored byte changes."""
+        return fingerprint([read_json(self.record_path(c))["sha256"] for c in range(self.num_chunks)], length=12)
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+
+def _create_exclusive(path: Path, writer) -> bool:
+    """Create ``path`` atomically via a temporary file and a hard link; False if it already existed."""
+    tmp = temporary_name(path)
+    try:
+        writer(tmp)
+        os.link(tmp, path)
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return False
+        if exc.errno in DISK_FULL:
+            raise disk_full(exc, path) from exc
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def wipe(root: Path) -> None:
+    """Remove a store's contents (keeping its folder and lock files)."""
+    for entry in root.iterdir():
+        if entry.name.startswith(".lock"):
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def open_store(cache_dir: str | Path, key: dict[str, Any], settings: dict[str, Any], dim: int, vmap_batch: int,
+               block_dims: list[int] | None = None) -> GradientStore:
+    """Open the store for ``key``, creating its manifest and arrays if needed (safe under concurrent shards).
+    Arrays are allocated in full on creation; if the disk is full, what this call created is removed."""
+    root = store_root(cache_dir, key)
+    (root / "chunks").mkdir(parents=True, exist_ok=True)
+    n = key["n"]
+    manifest = {"key": key, "settings": settings, "n": n, "dim": dim, "vmap_batch": vmap_batch,
+                "block_dims": block_dims, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    manifest["checksum"] = _manifest_checksum(manifest)
+    _create_exclusive(root / "manifest.json", lambda tmp: write_json(tmp, manifest))
+    store = GradientStore(root)
+    if store.key != key or store.dim != dim:
+        raise UserError(f"gradient store {root} holds a different key than this run asks for: delete the folder to rebuild it")
+    dtype = np.float16 if key["dtype"] == "fp16" else np.float32
+    shapes = {"grads": ((n, dim), dtype), "scale": ((n,), np.float32), "loss": ((n,), np.float32),
+              "pred": ((n,), np.int64), "label": ((n,), np.int64)}
+    created: list[Path] = []
+    try:
+        for name, (shape, dt) in shapes.items():
+            path = root / f"{name}.npy"
+            if path.exists():
+                try:
+                    arr = np.load(path, mmap_mode="r")
+                    ok = arr.shape == shape and arr.dtype == dt
+                except (ValueError, OSError):
+                    ok = False
+                if ok:
+                    continue
+                path.unlink()  # truncated or damaged header: rebuild the array and every chunk
+                for record in (root / "chunks").glob("*.json"):
+                    record.unlink()
+
+            def make(tmp: Path, s=shape, d=dt) -> None:
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=d, shape=s)
+                arr.flush()
+                reserve(tmp, tmp.stat().st_size)
+
+            if _create_exclusive(path, make):
+                created.append(path)
+    except UserError:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    return store
