@@ -29,8 +29,9 @@ from trainfluence.data import DataConfig, load_dataset  # noqa: E402
 from trainfluence.gradients import GradientComputer  # noqa: E402
 from trainfluence.objective import FunctionalModel, Objective  # noqa: E402
 from trainfluence.projection import ProjectionSpec, Projector  # noqa: E402
-from trainfluence.search import GradientIndex, SearchSettings, brute_force_top_k, recall_at_k  # noqa: E402
-from trainfluence.store import StoreSettings, build_store  # noqa: E402
+from trainfluence.search import GradientIndex, brute_force_top_k, recall_at_k  # noqa: E402
+from trainfluence.settings.influence import SearchSettings, StoreSettings  # noqa: E402
+from trainfluence.store import build_store  # noqa: E402
 from trainfluence.train import TrainConfig, train  # noqa: E402
 
 
@@ -88,9 +89,14 @@ def main() -> None:
     t_cs = len(x) / timed(vmap_proj(countsketch, x, y), repeats=2)
     sweep = {}
     for bs in sizes:
-        computer._batch = bs
-        sweep[bs] = len(x) / timed(vmap_proj(countsketch, x, y), repeats=2)
-    computer._batch = vb
+        sized = GradientComputer(fm, Objective(), batch_size=bs)
+
+        def run(sized=sized):
+            with torch.no_grad():
+                for eg in sized.batches(x, y):
+                    countsketch.project_blocks([eg.grads[n] for n in fm.names])
+
+        sweep[bs] = len(x) / timed(run, repeats=2)
     m = min(1024, len(x))
     t_gauss = m / timed(vmap_proj(gaussian, x[:m], y[:m]), repeats=1)
     loop_n = 256
@@ -104,7 +110,7 @@ def main() -> None:
 
     # ---- the full store ----------------------------------------------------------------------------------
     cache = work / "cache"
-    settings = StoreSettings(project_dim=args.k)
+    settings = StoreSettings(params="all", projection_dim=args.k)
     start = time.perf_counter()
     report = build_store(model, train_set, settings=settings, cache_dir=cache, device=device)
     build_s = time.perf_counter() - start

@@ -29,26 +29,32 @@ def countsketch_variance(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tens
 @pytest.mark.parametrize("allocation", ["uniform", "energy"])
 @pytest.mark.parametrize("k", [1024, 4096])
 def test_inner_products_within_bound_on_real_gradients(real_gradients, k, allocation):
+    """What the sketch guarantees is a variance: E[(⟨Pa, Pb⟩ − ⟨a, b⟩)²] ≤ σ²(a, b).  So the mean of (err/σ)² over
+    pairs and over independent seeds is at most 1 in expectation; averaged over 16 seeds it concentrates, and we
+    assert ≤ 1.5.  (One seed alone is one draw of a heavy-tailed quantity: on another CPU, whose rounding trains a
+    slightly different model, a single seed's mean was seen at 1.79.)  Each pair also obeys Chebyshev with a
+    union bound over all pairs and seeds at 1% failure probability."""
     fm, g = real_gradients
-    spec = ProjectionSpec(k, seed=11, allocation=allocation)
     energies = [float(b.pow(2).sum(1).mean()) for b in g[:16].split(fm.sizes, 1)]  # a pilot, as the store does
     dims = None if allocation == "uniform" else allocate(k, fm.sizes, energies)
-    proj = Projector(spec, fm.sizes, block_dims=dims)
-    assert proj.dim == k
-    pg = proj.project(g.float()).double()
     i, j = np.triu_indices(len(g), 1)
     exact = (g[i] * g[j]).sum(1)
-    approx = (pg[i] * pg[j]).sum(1)
-    sigma = proj.variance_bound(g[i], g[j]).sqrt()
-    if allocation == "uniform":  # one block: σ = √(2/k)‖a‖‖b‖
-        assert torch.allclose(sigma, np.sqrt(2 / k) * g[i].norm(dim=1) * g[j].norm(dim=1))
-    err = approx - exact
-    delta = 1.0 / len(err)  # Chebyshev with δ = 1/#pairs: no pair may exceed σ/√δ
-    assert bool((err.abs() <= sigma / np.sqrt(delta)).all())
-    assert float((err / sigma).pow(2).mean().sqrt()) <= 1.0  # typical error within the JL-scale σ
-    # squared norms too (a = b)
-    rel = (pg.pow(2).sum(1) - g.pow(2).sum(1)).abs() / proj.variance_bound(g, g).sqrt()
-    assert float(rel.max()) <= 1 / np.sqrt(delta)
+    seeds, ratios = range(16), []
+    for seed in seeds:
+        proj = Projector(ProjectionSpec(k, seed=seed, allocation=allocation), fm.sizes, block_dims=dims)
+        assert proj.dim == k
+        pg = proj.project(g.float()).double()
+        sigma = proj.variance_bound(g[i], g[j]).sqrt()
+        if allocation == "uniform":  # one block: σ = √(2/k)‖a‖‖b‖
+            assert torch.allclose(sigma, np.sqrt(2 / k) * g[i].norm(dim=1) * g[j].norm(dim=1))
+        err = (pg[i] * pg[j]).sum(1) - exact
+        chebyshev = np.sqrt(len(err) * len(seeds) / 0.01)
+        assert bool((err.abs() <= chebyshev * sigma).all())
+        # squared norms too (a = b)
+        norm_err = (pg.pow(2).sum(1) - g.pow(2).sum(1)).abs() / proj.variance_bound(g, g).sqrt()
+        assert float(norm_err.max()) <= np.sqrt(len(g) * len(seeds) / 0.01)
+        ratios.append(float((err / sigma).pow(2).mean()))
+    assert float(np.mean(ratios)) <= 1.5, ratios
 
 
 def test_energy_allocation_beats_uniform_on_real_gradients(real_gradients):

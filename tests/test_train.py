@@ -79,3 +79,21 @@ def test_checkpoint_for_other_architecture_or_classes(tmp_path, shapes_run):
         load_checkpoint(tmp_path / "garbage.pt")
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    cfg = DataConfig(train_size=256, test_size=64)
+    tr, te = load_dataset(cfg, "train"), load_dataset(cfg, "test")
+    settings = TrainConfig(epochs=3, seed=5)
+    full = train(settings, tr, te, tmp_path / "full", progress=False)
+    train(settings, tr, te, tmp_path / "cut", progress=False)
+    for name in ("epoch-3.pt", "final.pt", "metrics.json"):  # what a kill during epoch 3 leaves behind
+        (tmp_path / "cut" / name).unlink()
+    resumed = train(settings, tr, te, tmp_path / "cut", progress=False, resume=True)
+    a, b = load_checkpoint(tmp_path / "full" / "final.pt"), load_checkpoint(tmp_path / "cut" / "final.pt")
+    assert a.content_hash == b.content_hash and b.meta.run_id == resumed["run_id"] == load_checkpoint(tmp_path / "cut" / "epoch-1.pt").meta.run_id
+    assert [e["train_accuracy"] for e in resumed["epochs"]] == [e["train_accuracy"] for e in full["epochs"]]
+    with pytest.raises(UserError, match="other settings"):
+        train(TrainConfig(epochs=3, seed=6), tr, te, tmp_path / "cut", progress=False, resume=True)
+    with pytest.raises(UserError, match="no epoch-E.pt checkpoints"):
+        train(settings, tr, te, tmp_path / "empty", progress=False, resume=True)

@@ -84,9 +84,15 @@ def npy_writer(array: Any) -> Callable[[Path], None]:
 
 
 def save_with(path: str | os.PathLike, save: Callable[[Path], Any]) -> Path:
-    """Atomically write ``path`` by calling ``save(temporary_path)`` (e.g. ``torch.save``, ``fig.savefig``)."""
+    """Atomically write ``path`` by calling ``save(temporary_path)`` (e.g. ``torch.save``, ``fig.savefig``).
+    Libraries that report a failed write as ``RuntimeError`` (torch, faiss) get the same one-line error."""
     with writing(path) as tmp:
-        save(tmp)
+        try:
+            save(tmp)
+        except RuntimeError as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+            raise UserError(f"could not write {path} ({reason}): is the disk full? free some space or write "
+                            "elsewhere (--out, --cache-dir)") from exc
     return Path(path)
 
 

@@ -94,7 +94,7 @@ class InfluenceSettings:
     """The influence engine: which solver, which curvature, how much damping."""
 
     solver: str = option("exact", "inverse-HVP solver: " + " | ".join(SOLVER_SETTINGS), choices=tuple(SOLVER_SETTINGS))
-    damping: float = option(0.01, "λ in H = ∇²L + (wd + λ)I", NONNEG)
+    damping: float = option(0.01, "λ in H = ∇²L + (wd + λ)I", Range(low=0, high=1e8))
     weight_decay: float | None = option(None, "wd of the training objective (default: the checkpoint's)",
                                         Range(low=0, none=True))
     hessian_samples: int | None = option(None, "build H from this many random training examples (default: all)",
