@@ -26,6 +26,7 @@ def last_conv(model: nn.Module) -> str:
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: Target, *, layer: str | None = None,
              relu: bool = True) -> Attribution:
+    """Grad-CAM at ``layer`` (default: the last convolution), upsampled bilinearly to the input size."""
     layer = layer or last_conv(model)
     with torch.enable_grad(), capture(model, layer) as store:
         values = target(model, x.detach())

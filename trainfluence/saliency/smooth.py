@@ -1,6 +1,8 @@
 """``smoothgrad`` / ``vargrad`` (Smilkov et al. 2017; Adebayo et al. 2018): the mean (or variance) of any method's
-attribution over ``samples`` noisy copies x + N(0, σ²), σ = ``noise`` × (max x − min x).  ``base`` names the
-wrapped method (default ``gradient``); further settings go to it."""
+attribution over ``samples`` noisy copies x + N(0, σ²), σ = ``noise`` × (max x − min x) — or σ = ``sigma`` given
+absolutely (Captum's ``stdevs``).  The noise is drawn from a generator seeded with ``seed``, one [B, …] draw per
+sample in order, so a run is reproducible.  ``base`` names the wrapped method (default ``gradient``); further
+settings go to it."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from .targets import Target
 
 
 def noise_tunnel(model: nn.Module, x: torch.Tensor, target: Target, *, method: Callable[..., Attribution],
-                 samples: int = 25, noise: float = 0.15, kind: str = "smoothgrad", seed: int = 0, **settings: Any) -> Attribution:
+                 samples: int = 25, noise: float = 0.15, sigma: float | None = None, kind: str = "smoothgrad", seed: int = 0,
+                 **settings: Any) -> Attribution:
     g = torch.Generator().manual_seed(seed)
-    sigma = noise * float(x.max() - x.min())
+    sigma = noise * float(x.max() - x.min()) if sigma is None else float(sigma)
     total = torch.zeros_like(x)
     total_sq = torch.zeros_like(x)
     for _ in range(samples):

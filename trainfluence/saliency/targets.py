@@ -29,23 +29,49 @@ def named_module(model: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> str:
+    """A layer given as a dotted name or as the module object itself → its dotted name in ``model``."""
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name
+        raise UserError(f"layer {type(layer).__name__} is not a module of this model: pass one of its modules or its name")
+    named_module(model, layer)
+    return layer
+
+
 @contextlib.contextmanager
-def capture(model: nn.Module, layer: str, replace: torch.Tensor | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the output of ``layer`` during forward passes (``store["out"]``); with ``replace`` given, substitute
-    it for the layer's output.  The hook is removed on exit, also after an exception."""
+def capture(model: nn.Module, layer: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the output of ``layer`` as it leaves the layer (``store["out"]``), for every consumer of a layer's
+    activations (Grad-CAM, internal influence, neuron targets).
+
+    The hook keeps the layer's own output tensor and hands the rest of the network a copy, so what runs after the
+    layer — ``ReLU(inplace=True)``, ``x.relu_()``, ``x += y`` — changes the copy, never the recorded tensor, and
+    gradients with respect to the recorded tensor are gradients with respect to the layer's output (what Captum
+    does).  A layer that runs more than once in one forward pass (a reused module) is refused: which of its
+    outputs is meant would be ambiguous.  The hooks are removed on exit, also after an exception."""
     store: dict[str, torch.Tensor] = {}
+    calls = [0]
+
+    def start(_module, _inputs):
+        calls[0] = 0
 
     def hook(_module, _inputs, output):
-        if replace is not None:
-            output = replace
+        if not isinstance(output, torch.Tensor):
+            raise UserError(f"layer {layer!r} returns {type(output).__name__}, not a tensor: name a layer with one output")
+        calls[0] += 1
+        if calls[0] > 1:
+            raise UserError(f"layer {layer!r} runs more than once in one forward pass (a reused module): name a layer "
+                            "that runs once, e.g. the convolution before a shared activation")
         store["out"] = output
-        return output
+        return output.clone()
 
-    handle = named_module(model, layer).register_forward_hook(hook)
+    handles = [model.register_forward_pre_hook(start), named_module(model, layer).register_forward_hook(hook)]
     try:
         yield store
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class Target:
