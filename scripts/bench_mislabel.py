@@ -41,10 +41,7 @@ def cross_validated_probs(train_set, cfg: TrainConfig, folds: int, work: Path, s
     for f in range(folds):
         held = np.sort(order[f::folds])
         keep = np.setdiff1d(np.arange(n), held)
-        part = dataclasses.replace(train_set, images=train_set.images[keep], labels=train_set.labels[keep],
-                                   index=train_set.index[keep], _fingerprint=None, noise=None, clean_labels=None)
-        held_set = dataclasses.replace(train_set, images=train_set.images[held], labels=train_set.labels[held],
-                                       index=train_set.index[held], _fingerprint=None, noise=None, clean_labels=None)
+        part, held_set = train_set.subset(keep), train_set.subset(held)
         train(cfg, part, None, work / f"fold{f}", progress=False)
         model = load_checkpoint(work / f"fold{f}" / "final.pt").model
         probs[held] = predict_proba(model, held_set, "cpu")

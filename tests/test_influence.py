@@ -233,7 +233,7 @@ def test_duplicate_is_most_helpful_and_flipped_copy_harmful(shapes_logreg, tmp_p
     torch.manual_seed(0)
     model = fit_to_optimum(build_model("logreg", 5, 3, 16).double(), train, d["wd"])
     engine = InfluenceEngine(model, train, solver="exact", damping=0.0, weight_decay=d["wd"], cache_dir=tmp_path)
-    top = engine.top_k((xt, yt), k=5)
+    top = engine.top_k((xt, yt), top=5)
     n = len(xs)
     for j in range(3):
         assert top.helpful_index[j, 0] == n + j  # the duplicate of test point j ranks first among helpful
@@ -248,7 +248,7 @@ def test_top_k_equals_sorting_the_influence_matrix(shapes_run, tmp_path):
                              cache_dir=tmp_path)
     assert engine.objective.weight_decay == 5e-4  # read from the checkpoint
     matrix = engine.influence(test)
-    top = engine.top_k(test, k=5)
+    top = engine.top_k(test, top=5)
     np.testing.assert_allclose(top.helpful_score, np.sort(matrix, axis=1)[:, :5], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(top.harmful_score, -np.sort(-matrix, axis=1)[:, :5], rtol=1e-4, atol=1e-6)
     assert (np.take_along_axis(matrix, top.helpful_index, 1) == pytest.approx(top.helpful_score, rel=1e-4, abs=1e-6))

@@ -56,26 +56,34 @@ def test_ig_equals_grad_x_input_for_bias_free_relu_network():
 
 
 def test_ig_completeness_on_default_cnn(cnn, images):
-    """Σ attr = F(x) − F(x′) up to quadrature error; the error shrinks with the number of steps.  (Max-pool and
-    ReLU switches along the path make the integrand discontinuous: 50 midpoint steps leave ~0.6% on average on
-    this CNN, 100 steps ~0.25% — see BENCHMARKS.md.)"""
+    """Σ attr = F(x) − F(x′) up to quadrature error.  Max-pool and ReLU switches along the path make the integrand
+    piecewise constant, so a fixed step count leaves image-dependent gaps (up to ~1.2% at 50 steps on this CNN,
+    BENCHMARKS.md); the default refines each image until its gap is within 0.5%, reusing every evaluation."""
     x, _ = images
-    errors = {}
-    for steps in (50, 100):
-        result = attribute_full(cnn, x, "integrated_gradients", None, steps=steps)
-        gap = (result.info["target_values"] - result.info["baseline_values"]).abs()
-        errors[steps] = result.info["delta"].abs() / gap
-        total = result.attr.reshape(len(x), -1).sum(1)
-        assert torch.allclose(total - result.info["delta"], result.info["target_values"] - result.info["baseline_values"], atol=1e-4)
-    assert float(errors[50].mean()) <= 0.01 and float(errors[100].mean()) <= 0.005
-    assert float(errors[100].mean()) < float(errors[50].mean())
+    fixed = attribute_full(cnn, x, "integrated_gradients", None, steps=50, tolerance=None)
+    assert bool((fixed.info["steps"] == 50).all())
+    result = attribute_full(cnn, x, "integrated_gradients", None)  # the defaults
+    info = result.info
+    gap = (info["target_values"] - info["baseline_values"]).abs()
+    total = result.attr.reshape(len(x), -1).sum(1)
+    assert torch.allclose(total - info["delta"], info["target_values"] - info["baseline_values"], atol=1e-4)
+    assert bool(info["converged"].all()) and float(info["relative_gap"].max()) <= 0.005 + 1e-6 * float(
+        (info["target_values"].abs() + info["baseline_values"].abs()).max() / gap.min())
+    assert set(info["steps"].tolist()) <= {50, 150, 450, 1350}
+    # refinement reuses the old nodes: an image refined to 150 steps equals a fixed 150-step midpoint integral
+    refined = torch.nonzero(info["steps"] == 150).flatten()
+    if len(refined):
+        i = int(refined[0])
+        again = attribute_full(cnn, x[i : i + 1], "integrated_gradients", None, steps=150, tolerance=None)
+        assert torch.allclose(again.attr[0], result.attr[i], atol=1e-5 * float(result.attr[i].abs().max()))
 
 
 @pytest.mark.parametrize("method", ["gradient", "integrated_gradients"])
 def test_contrast_is_difference(cnn, images, method):
     x, _ = images
-    a = attribute(cnn, x, method, ContrastTarget(1, 3))
-    b = attribute(cnn, x, method, 1) - attribute(cnn, x, method, 3)
+    fixed = {"tolerance": None} if method == "integrated_gradients" else {}  # linear in F for a fixed quadrature
+    a = attribute(cnn, x, method, ContrastTarget(1, 3), **fixed)
+    b = attribute(cnn, x, method, 1, **fixed) - attribute(cnn, x, method, 3, **fixed)
     assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max()))
     masked = attribute(cnn, x, "gradient", MaskedTarget([0, 2]))
     assert torch.allclose(masked, attribute(cnn, x, "gradient", 0) + attribute(cnn, x, "gradient", 2), atol=1e-6)

@@ -1,9 +1,9 @@
 """Explaining test predictions by training images: the most helpful and most harmful training examples.
 
 :func:`explain` writes ``influence.json`` (indices — and file paths, for folder datasets — labels and I_up,loss
-scores of the top-k helpful and harmful training images per test point, with the settings, timings and how
+scores of the ``top`` most helpful and harmful training images per test point, with the settings, timings and how
 each solve ended), one PNG grid per test point and an ``index.html`` that shows them.  The grids draw at most
-:data:`MAX_DRAWN` images per row (``influence.json`` lists all k).
+:data:`MAX_DRAWN` images per row (``influence.json`` lists all of them).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def _entry(dataset: ImageDataset, index: int, score: float | None = None) -> dic
     return entry
 
 
-def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, indices: list[int], k: int,
+def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, indices: list[int], top: int,
             out: Path, *, pixels: bool = False) -> dict[str, Any]:
-    """Top-k helpful and harmful training images for each test index; writes JSON, PNGs and HTML into ``out``.
+    """The ``top`` most helpful and harmful training images for each test index; writes JSON, PNGs and HTML into ``out``.
     With ``pixels``, each shown training image also gets its I_pert,loss map (which of its pixels, if changed,
     would move the test loss most), drawn beside it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
     timings["gradient_store_s"] = time.perf_counter() - t0
     x, y = test.tensors(indices)
     t0 = time.perf_counter()
-    top = engine.top_k((x, y), k)
+    found = engine.top_k((x, y), top)
     timings["s_test_and_search_s"] = time.perf_counter() - t0
     with torch.no_grad():
         probs = torch.softmax(engine.fm(engine.fm.params, x.to(engine.device)), 1).cpu()
@@ -58,8 +58,8 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
         item = {
             "test": {**_entry(test, t), "prediction": pred, "prediction_name": test.classes[pred],
                      "probability": float(probs[row, pred])},
-            "helpful": [_entry(train, int(i), s) for i, s in zip(top.helpful_index[row], top.helpful_score[row])],
-            "harmful": [_entry(train, int(i), s) for i, s in zip(top.harmful_index[row], top.harmful_score[row])],
+            "helpful": [_entry(train, int(i), s) for i, s in zip(found.helpful_index[row], found.helpful_score[row])],
+            "harmful": [_entry(train, int(i), s) for i, s in zip(found.harmful_index[row], found.harmful_score[row])],
             "figure": f"explain-{t}.png",
         }
         maps = None
@@ -76,7 +76,8 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
     report = {"settings": engine.describe(), "store": str(engine.store.root if engine.store else ""),
               "solves": [to_dict(r) for r in engine.reports],
               "sign": "I_up,loss: negative = helpful (upweighting lowers the test loss), positive = harmful",
-              "k": k, "pixels": pixels, "timings": timings, "explanations": results}
+              "top": top, "gradient_store": "reused" if engine.build_report and engine.build_report.reused else "built",
+              "pixels": pixels, "timings": timings, "explanations": results}
     write_json(out / "influence.json", report)
     _html(report, out)
     return report

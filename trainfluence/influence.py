@@ -230,10 +230,10 @@ class InfluenceEngine:
             self._index = GradientIndex(self._require_store(), settings)
         return self._index
 
-    def top_k(self, test: Any, k: int = 10, *, search: SearchSettings | None = None) -> InfluenceTopK:
-        """The k most helpful and k most harmful training examples per test point, by the store's faiss index."""
+    def top_k(self, test: Any, top: int = 10, *, search: SearchSettings | None = None) -> InfluenceTopK:
+        """The ``top`` most helpful and most harmful training examples per test point, by the store's faiss index."""
         q = self._query_vectors(self.s_test(test))
-        found = self.index(search).search(q, k)
+        found = self.index(search).search(q, top)
         # influence = −⟨q, g⟩: largest inner products are the most helpful, smallest the most harmful
         return InfluenceTopK(found.largest_index, -found.largest_score, found.smallest_index, -found.smallest_score)
 

@@ -79,6 +79,9 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
                               "dataset": to_dict(train.config), "checkpoint": str(ckpt.path),
                               "engine": engine.describe() if engine is not None else None,
                               "solves": [to_dict(r) for r in engine.reports] if engine is not None else []}
+    if engine is not None and engine.build_report is not None:
+        report["gradient_store"] = "reused (no gradient pass)" if engine.build_report.reused else \
+            f"built {engine.build_report.built_chunks} chunk(s)"
     if flipped is not None:
         report["num_flipped"] = int(flipped.sum())
         report["metrics"] = {name: all_metrics(s, flipped) for name, s in scores.items()}

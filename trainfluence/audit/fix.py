@@ -20,12 +20,6 @@ from ..settings import from_dict
 from ..train import TrainConfig, evaluate, train
 
 
-def relabeled(dataset: ImageDataset, indices: np.ndarray, labels: np.ndarray) -> ImageDataset:
-    new = dataset.labels.clone()
-    new[torch.as_tensor(indices, dtype=torch.long)] = torch.as_tensor(labels, dtype=torch.long)
-    return dataclasses.replace(dataset, labels=new, _fingerprint=None)
-
-
 def fix_experiment(ckpt: Checkpoint, train_set: ImageDataset, test_set: ImageDataset, choices: dict[str, np.ndarray],
                    suggested: np.ndarray, device: torch.device, arch: str | None = None) -> dict[str, Any]:
     """For each named choice of K indices: relabel them to ``suggested``, retrain, and measure test accuracy.
@@ -41,7 +35,7 @@ def fix_experiment(ckpt: Checkpoint, train_set: ImageDataset, test_set: ImageDat
                                "train_config": dataclasses.asdict(cfg), "methods": {}}
     with tempfile.TemporaryDirectory(prefix="trainfluence-fix-") as tmp:
         for name, idx in choices.items():
-            data = relabeled(train_set, idx, suggested[idx])
+            data = train_set.relabeled(idx, suggested[idx])
             metrics = train(cfg, data, test_set, Path(tmp) / name, device, progress=False)
             write(f"fix: {len(idx)} labels chosen by {name} relabelled → test accuracy {metrics['test_accuracy']:.4f}")
             entry: dict[str, Any] = {"test_accuracy_after": metrics["test_accuracy"],

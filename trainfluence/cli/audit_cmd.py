@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     report = run_audit(ckpt, train, test, settings, lambda: engine_from_args(args, ckpt, train, device), Path(out),
                        device, arch=args.arch)
     print(f"ranked {report['n']} training images by {report['rank_by']}")
+    if report.get("gradient_store"):
+        print(f"gradient store: {report['gradient_store']}")
     if "metrics" in report:
         print(f"{report['num_flipped']} planted flips; recall at 10% inspected / ROC AUC:")
         for name, m in report["metrics"].items():

@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.split} #{t['index']} ({t['label_name']}, predicted {t['prediction_name']} {t['probability']:.2f}):")
         print("  most helpful: " + ", ".join(f"#{e['index']} {e['label_name']} ({e['score']:.3g})" for e in item["helpful"][:5]))
         print("  most harmful: " + ", ".join(f"#{e['index']} {e['label_name']} ({e['score']:.3g})" for e in item["harmful"][:5]))
+    store = engine.build_report
+    print(f"gradient store {store.store.root}: " + ("reused (no gradient pass)" if store.reused else
+                                                     f"built {store.built_chunks} chunk(s)"))
     print(f"wrote {out / 'influence.json'}, {len(report['explanations'])} PNG grid(s) and {out / 'index.html'}")
     return 0
 

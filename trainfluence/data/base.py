@@ -8,6 +8,7 @@ ground-truth boxes and object masks (shapes only) and the planted label-noise re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,22 @@ class ImageDataset(Dataset):
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.config.identity(), self.split, self.images, self.labels)
         return self._fingerprint
+
+    def relabeled(self, indices: Any, labels: Any) -> "ImageDataset":
+        """A copy whose labels at ``indices`` are ``labels`` (its fingerprint follows the new labels)."""
+        new = self.labels.clone()
+        new[torch.as_tensor(np.asarray(indices), dtype=torch.long)] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        return dataclasses.replace(self, labels=new, _fingerprint=None)
+
+    def subset(self, indices: Any) -> "ImageDataset":
+        """The items at ``indices`` as a dataset of their own (planted-noise records are dropped: their positions
+        refer to the whole set)."""
+        sel = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        pick = (lambda t: t[sel] if t is not None else None)
+        return dataclasses.replace(self, images=self.images[sel], labels=self.labels[sel], index=self.index[sel.numpy()],
+                                   boxes=pick(self.boxes), masks=pick(self.masks), noise=None, clean_labels=None,
+                                   paths=[self.paths[i] for i in sel.tolist()] if self.paths is not None else None,
+                                   _fingerprint=None)
 
     def describe_item(self, i: int) -> dict[str, Any]:
         """How reports name item ``i``: its index, and its file where it has one."""

@@ -40,14 +40,3 @@ class Attribution:
 
     attr: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def batched(fn, x: torch.Tensor, target: Target, batch_size: int | None, **kwargs: Any) -> Attribution:
-    """Apply ``fn(model-free closure)`` over slices of the batch so memory stays bounded; infos concatenated."""
-    if batch_size is None or len(x) <= batch_size:
-        return fn(x, target, **kwargs)
-    parts = [fn(x[i : i + batch_size], target.select(torch.arange(i, min(len(x), i + batch_size))), **kwargs)
-             for i in range(0, len(x), batch_size)]
-    info = {k: torch.cat([p.info[k] for p in parts]) if isinstance(parts[0].info[k], torch.Tensor) else parts[0].info[k]
-            for k in parts[0].info}
-    return Attribution(torch.cat([p.attr for p in parts]), info)

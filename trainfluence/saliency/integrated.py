@@ -15,7 +15,8 @@ Completeness is enforced, not hoped for.  For a ReLU network the integrand is pi
 is integrated again with three times the steps — the old nodes are among the new ones ((k + ½)/m = (3k + 1.5)/3m),
 so each tripling evaluates only the 2m new points — until the gap is within tolerance or ``max_steps`` is
 reached.  Returned beside the attribution, like Captum's convergence delta: ``delta``, ``relative_gap``
-(|δ| / |F(x) − F(x′)|), ``steps`` per example and ``converged``.  ``tolerance=None`` keeps ``steps`` fixed.
+(|δ| / |F(x) − F(x′)|), ``steps`` per example and ``converged``.  ``tolerance=None`` keeps ``steps`` fixed, as
+does ``rule="gauss_legendre"`` (its nodes do not nest), whose default tolerance is therefore None.
 Path points are evaluated ``internal_batch_size`` at a time, so memory stays bounded.
 
 Baselines: ``zero`` (all zeros in the model's input space), ``blur`` (a Gaussian blur of x), ``uniform``
@@ -96,8 +97,10 @@ def _path_gradients(model: nn.Module, x: torch.Tensor, base: torch.Tensor, targe
 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target, *, baseline: str | torch.Tensor | float = "zero",
-                         steps: int = 50, rule: str = "midpoint", tolerance: float | None = DEFAULT_TOLERANCE,
+                         steps: int = 50, rule: str = "midpoint", tolerance: float | None | str = "auto",
                          max_steps: int = DEFAULT_MAX_STEPS, internal_batch_size: int = 256, seed: int = 0) -> Attribution:
+    if tolerance == "auto":
+        tolerance = DEFAULT_TOLERANCE if rule == "midpoint" else None
     if tolerance is not None and rule != "midpoint":
         raise UserError("the adaptive completeness check refines the midpoint rule: use rule='midpoint', or tolerance=None "
                         "for a fixed number of gauss_legendre steps")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..data import ImageDataset
+from ..progress import warn
 from ..report import html
 from ..report.figures import Panel, panel_grid, to_display
 from ..files import write_json
@@ -58,8 +59,14 @@ def run_saliency(model: nn.Module, data: ImageDataset, indices: list[int], metho
         result = attribute_full(model, x, m, tgt, **settings.get(m, {}))
         timings[m] = (time.perf_counter() - t0) / len(indices)
         maps[m] = importance(result.attr)
-        if "delta" in result.info:
-            report.setdefault("integrated_gradients_delta", result.info["delta"].tolist())
+        if m == "integrated_gradients":
+            info = result.info
+            report["integrated_gradients"] = {"delta": info["delta"].tolist(), "relative_gap": info["relative_gap"].tolist(),
+                                              "steps": info["steps"].tolist(), "converged": info["converged"].tolist()}
+            if not bool(info["converged"].all()):
+                warn(f"integrated gradients: {int((~info['converged']).sum())} image(s) still above the completeness "
+                     f"tolerance after {int(info['steps'].max())} steps (worst gap "
+                     f"{100 * float(info['relative_gap'].max()):.2f}%)")
     masks = {m: topk_mask(maps[m], topk) for m in methods}
     for row, i in enumerate(indices):
         entry: dict[str, Any] = {"index": int(i), "label": data.classes[int(y[row])], "prediction": data.classes[int(pred[row])],

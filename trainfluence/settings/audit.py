@@ -32,6 +32,9 @@ class AuditSettings:
     def check(self) -> None:
         if not self.scores:
             raise UserError("--score needs at least one score name")
+        if self.tracin_space == "logits" and self.tracin_params != "all":
+            raise UserError("--tracin-params selects parameters for --tracin-space params; with logits it would be "
+                            "ignored: drop it or pass --tracin-space params")
         if self.top > MAX_SHOWN:
             raise UserError(f"--top {self.top} is more than the report can draw ({MAX_SHOWN}); suspects.csv lists every "
                             "example in order")
