@@ -1,6 +1,14 @@
-"""Hessian-vector products of the training objective, forward-over-reverse with ``torch.func``.
+"""Curvature-vector products of the training objective with ``torch.func``.
 
-    H = ∇²L(θ̂) + λI,   L(θ) = (1/n) Σᵢ ℓ(zᵢ, θ) + (wd/2)‖θ‖²,   so   H v = (1/n) Σᵢ ∇²ℓ(zᵢ) v + (wd + λ) v.
+    L(θ) = (1/n) Σᵢ ℓ(zᵢ, θ) + (wd/2)‖θ‖²,    H v = (1/n) Σᵢ Cᵢ v + (wd + λ) v,
+
+with Cᵢ, by ``curvature``:
+
+* ``hessian`` — ∇²ℓ(zᵢ), forward-over-reverse (``jvp`` of ``grad``).  Indefinite for a deep net away from a
+  minimum: damping must exceed its most negative eigenvalue.
+* ``ggn`` — the Gauss–Newton matrix Jᵢᵀ H_f Jᵢ (J the Jacobian of the outputs, H_f the loss's Hessian in output
+  space): one ``jvp`` and one ``vjp`` per vector.  Positive semi-definite, equal to the Hessian for a linear model
+  and to the Fisher with the model's own labels for cross-entropy; what K-FAC / EK-FAC approximate.
 
 :meth:`HessianOperator.hvp` averages over the training examples (all of them, or a fixed seeded subset of
 ``hessian_samples``) in batches weighted by their size; :meth:`HessianOperator.batch_hvp` is the minibatch
@@ -9,17 +17,22 @@ estimate H_B v used by LiSSA.  Both take a matrix of right-hand sides ``V [m, p]
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from .checks import require_finite
 from .data.source import ExampleSource
 from .gradients import activation_numel
 from .objective import FunctionalModel, Objective
 from .progress import bar
+
+CURVATURES = ("hessian", "ggn")
+
+if TYPE_CHECKING:
+    from .kfac import KroneckerCurvature
 
 
 class HessianOperator:
@@ -30,13 +43,16 @@ class HessianOperator:
         source: ExampleSource,
         damping: float,
         *,
+        curvature: str = "hessian",
         batch_size: int = 256,
         hessian_samples: int | None = None,
         seed: int = 0,
         rhs_chunk: int | None = None,
         memory_budget: int = 1 << 30,
     ):
-        self.fm, self.objective, self.source = fm, objective, source
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        self.fm, self.objective, self.source, self.curvature = fm, objective, source, curvature
         self.damping, self.batch_size = float(damping), batch_size
         self._rhs_chunk, self.memory_budget = rhs_chunk, memory_budget
         n = len(source)
@@ -49,6 +65,7 @@ class HessianOperator:
         self.dim = fm.dim
         self._grad = grad(self._mean_loss)
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._kronecker: dict[tuple, "KroneckerCurvature"] = {}
 
     @property
     def rhs_chunk(self) -> int:
@@ -69,12 +86,23 @@ class HessianOperator:
         out = self.objective.outputs(lambda inp: self.fm(self.fm.unflatten(theta), inp), x)
         return self.objective.loss(out, y).mean()
 
+    def _outputs(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.objective.outputs(lambda inp: self.fm(self.fm.unflatten(theta), inp), x)
+
     def data_hvp(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """∇²[(1/|B|) Σ_{i∈B} ℓ(zᵢ)] V for the batch (x, y); V is [m, p]."""
+        """(1/|B|) Σ_{i∈B} Cᵢ V for the batch (x, y) — Cᵢ the Hessian of ℓ(zᵢ) or its Gauss–Newton matrix; V [m, p]."""
         x, y = x.to(self.theta.device), y.to(self.theta.device)
 
-        def one(v: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda th: self._grad(th, x, y), (self.theta,), (v,))[1]
+        if self.curvature == "hessian":
+            def one(v: torch.Tensor) -> torch.Tensor:
+                return jvp(lambda th: self._grad(th, x, y), (self.theta,), (v,))[1]
+        else:
+            outputs, pullback = vjp(lambda th: self._outputs(th, x), self.theta)
+            scale = 1.0 / len(y)
+
+            def one(v: torch.Tensor) -> torch.Tensor:
+                jv = jvp(lambda th: self._outputs(th, x), (self.theta,), (v,))[1]
+                return pullback(self.objective.output_hessian_vp(outputs, jv) * scale)[0]
 
         V = V.to(self.theta)
         return torch.cat([vmap(one)(V[i : i + self.rhs_chunk]) for i in range(0, len(V), self.rhs_chunk)])
@@ -101,6 +129,21 @@ class HessianOperator:
         return require_finite(total + self.shift * V, "a Hessian-vector product",
                               "the model or its inputs give NaN/Inf curvature — check the checkpoint, or raise --damping")
 
+    def kronecker(self, *, corrected: bool = True, samples: int | None = None, batch_size: int = 64,
+                  seed: int = 0) -> "KroneckerCurvature":
+        """The Kronecker-factored (EK-FAC, or K-FAC) Gauss–Newton approximation over this operator's examples (or a
+        seeded sample of ``samples`` of them), estimated once and shared by every solver that asks."""
+        from .kfac import KroneckerCurvature
+
+        key = (corrected, samples, batch_size, seed)
+        if key not in self._kronecker:
+            idx = self.indices
+            if samples is not None and samples < len(idx):
+                idx = np.sort(np.random.default_rng(seed).choice(idx, size=samples, replace=False))
+            self._kronecker[key] = KroneckerCurvature(self.fm, self.objective, corrected=corrected).fit(
+                self.source, idx, batch_size=batch_size)
+        return self._kronecker[key]
+
     def subset(self, size: int, seed: int = 0) -> "HessianOperator":
         """The same operator over a seeded random subset of at most ``size`` of its examples."""
         if size >= len(self.indices):
@@ -110,6 +153,7 @@ class HessianOperator:
         rng = np.random.default_rng(seed)
         sub.indices = np.sort(rng.choice(self.indices, size=size, replace=False))
         sub._batches = None
+        sub._kronecker = {}
         return sub
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

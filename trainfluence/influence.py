@@ -133,13 +133,14 @@ class InfluenceEngine:
         """H = ∇²L + λI over the training set (or its ``hessian_samples`` subset)."""
         if self._op is None:
             self._op = HessianOperator(self.fm, self.objective, self.source, self.damping,
-                                       batch_size=self.settings.hessian_batch_size,
+                                       curvature=self.settings.curvature, batch_size=self.settings.hessian_batch_size,
                                        hessian_samples=self.settings.hessian_samples)
         return self._op
 
     def describe(self) -> dict[str, Any]:
         """Everything s_test depends on besides the model and training data (saved beside every result)."""
-        return {"solver": self.solver.name, "solver_settings": to_dict(self.solver.settings), "damping": self.damping,
+        return {"solver": self.solver.name, "solver_settings": to_dict(self.solver.settings),
+                "curvature": self.settings.curvature, "damping": self.damping,
                 "weight_decay": self.objective.weight_decay, "objective": self.objective.name, "params": self.fm.names,
                 "hessian_samples": self.settings.hessian_samples,
                 "hessian_batch_size": self.settings.hessian_batch_size}

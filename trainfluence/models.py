@@ -56,7 +56,9 @@ def logistic_regression(num_classes: int, in_channels: int = 3, image_size: int 
 
 
 def mlp(num_classes: int, in_channels: int = 3, image_size: int = 32, hidden: int = 128) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    """Two hidden layers of ``hidden`` ReLU units (784-128-128-10 on MNIST: 118,282 parameters)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
 def resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:

@@ -4,9 +4,9 @@ Objective (model in eval mode, over the selected parameters θ):
 
     L(θ) = (1/n) Σᵢ ℓ(zᵢ, θ) + (wd/2) ‖θ‖²
 
-An :class:`Objective` says how a batch becomes model outputs (:meth:`Objective.outputs`) and how outputs and
-targets become one loss per example (:meth:`Objective.loss`, cross-entropy by default); keeping the two apart
-leaves room for a Gauss–Newton variant.  ``weight_decay`` is ``wd`` — read from the checkpoint unless given.
+An :class:`Objective` says how a batch becomes model outputs (:meth:`Objective.outputs`), how outputs and
+targets become one loss per example (:meth:`Objective.loss`, cross-entropy by default), and how the loss curves
+in output space (:meth:`Objective.output_hessian_vp`) — the piece the Gauss–Newton matrix G = Jᵀ H_f J needs.  ``weight_decay`` is ``wd`` — read from the checkpoint unless given.
 
 A :class:`FunctionalModel` is a private eval-mode copy of the user's model, called with
 ``torch.func.functional_call`` so the selected parameters can be differentiated functionally; the user's model
@@ -43,6 +43,19 @@ class Objective:
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Outputs and targets → per-example loss ℓ, shape [B]."""
         return F.cross_entropy(outputs, targets, reduction="none")
+
+    def output_hessian_vp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """H_f u per example, H_f = ∂²ℓ/∂f² at the outputs f.  Cross-entropy: H_f = diag(p) − ppᵀ, p = softmax(f)
+        (independent of the label, positive semi-definite)."""
+        p = torch.softmax(outputs, dim=-1)
+        return p * u - p * (p * u).sum(-1, keepdim=True)
+
+    def output_hessian_factors(self, outputs: torch.Tensor) -> torch.Tensor:
+        """[K, B, K]: vectors u_c with Σ_c u_c u_cᵀ = H_f per example (u_c = √p_c (p − e_c) for cross-entropy, so
+        that E_{y∼p}[∇ℓ_y ∇ℓ_yᵀ] = Jᵀ H_f J: the Fisher with the model's own labels equals the GGN)."""
+        p = torch.softmax(outputs, dim=-1)
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        return p.sqrt().T.unsqueeze(-1) * (p.unsqueeze(0) - eye.unsqueeze(1))
 
     def regularizer(self, params: Params) -> torch.Tensor:
         """(wd/2) ‖θ‖² over the selected parameters."""

@@ -41,37 +41,57 @@ class StoreSettings:
         return self.memory_budget_mb << 20
 
 
+PRECONDITIONERS = ("ekfac", "kfac", "none")
+CURVATURES = ("ggn", "hessian")
+
+
 @dataclass
 class ExactSettings:
     """``exact``: the dense Hessian and its eigendecomposition."""
 
-    max_params: int = option(6000, "refuse above this many parameters (a dense p×p float64 matrix)", POSITIVE_INT)
+    max_memory_gb: float | None = option(None, "refuse when the dense p×p solve needs more than this (default: 80% of "
+                                         "the memory available now)", Range(low=0, low_open=True, none=True))
+
+
+@dataclass
+class KroneckerSettings:
+    """``ekfac`` / ``kfac``: Kronecker-factored Gauss–Newton (EK-FAC corrects K-FAC's eigenvalues)."""
+
+    samples: int | None = option(None, "training examples the factors are estimated from (default: all of the "
+                                 "Hessian's examples)", Range(low=1, integer=True, none=True))
+    batch_size: int = option(64, "examples per factor batch", POSITIVE_INT)
+    seed: int = option(0, "seed of the sample, when --*-samples is below the Hessian's examples", NONNEG_INT)
 
 
 @dataclass
 class LissaSettings:
-    """``lissa``: the stochastic Neumann recursion (Koh & Liang; Agarwal et al.)."""
+    """``lissa``: the stochastic Neumann recursion (Koh & Liang; Agarwal et al.), preconditioned, with a growing
+    minibatch and a stopping rule on the residual."""
 
-    depth: int = option(2000, "recursion steps per repeat (upper bound; early stopping may end sooner)", POSITIVE_INT)
-    repeats: int = option(1, "independent runs averaged", POSITIVE_INT)
-    batch_size: int = option(128, "examples per stochastic Hessian-vector product", POSITIVE_INT)
-    scale: float | str = option("auto", "s, above the top eigenvalue of H; auto = scale-factor × a power-iteration "
-                                "estimate", Range(low=0, low_open=True, words=("auto",)))
-    scale_factor: float = option(1.5, "multiple of the estimated top eigenvalue used by scale auto",
-                                 Range(low=1))
-    scale_samples: int = option(1024, "examples in the power iteration behind scale auto", POSITIVE_INT)
-    tol: float = option(1e-4, "stop when the relative change of the estimate over check-every steps is below this",
-                        POSITIVE)
-    check_every: int = option(25, "steps between convergence checks", POSITIVE_INT)
+    preconditioner: str = option("ekfac", "P in x ← x + P⁻¹(g − H_B x)/s: ekfac | kfac | none (classic LiSSA)",
+                                 choices=PRECONDITIONERS)
+    depth: int = option(1000, "steps at most", POSITIVE_INT)
+    batch_size: int = option(256, "examples per stochastic product at the start; doubled whenever the residual stops "
+                             "falling, up to all of the Hessian's examples", POSITIVE_INT)
+    scale: float | str = option("auto", "s, above the top eigenvalue of P⁻¹H; auto = scale-factor × a power-iteration "
+                                "estimate", Range(low=0, low_open=True, high=1e12, words=("auto",)))
+    scale_factor: float = option(1.2, "multiple of the estimated top eigenvalue used by scale auto", Range(low=1, high=100))
+    tol: float = option(1e-3, "stop when |(H + λI)x − g| / |g| on the held examples is below this for every test "
+                        "point", Range(low=0, low_open=True, high=1, high_open=True))
+    check_every: int = option(10, "steps between residual checks", POSITIVE_INT)
+    check_samples: int = option(2048, "held examples the residual is measured on (all of the Hessian's examples when "
+                                "fewer)", POSITIVE_INT)
     seed: int = option(0, "minibatch sampling seed", NONNEG_INT)
 
 
 @dataclass
 class CGSettings:
-    """``cg``: conjugate gradients on full-data Hessian-vector products."""
+    """``cg``: preconditioned conjugate gradients on full-data curvature-vector products, every test point at once."""
 
-    rtol: float = option(1e-6, "stop when |H x − v| ≤ rtol |v|", POSITIVE)
-    maxiter: int = option(500, "iterations per right-hand side", POSITIVE_INT)
+    preconditioner: str = option("ekfac", "ekfac | kfac | none", choices=PRECONDITIONERS)
+    rtol: float = option(1e-4, "stop when |H x − g| ≤ rtol |g| for every right-hand side",
+                         Range(low=0, low_open=True, high=1, high_open=True))
+    maxiter: int = option(300, "iterations at most", POSITIVE_INT)
 
 
 @dataclass
@@ -86,7 +106,7 @@ class ArnoldiSettings:
 
 #: solver name → its settings (the solvers themselves are registered in :mod:`trainfluence.solvers`)
 SOLVER_SETTINGS: dict[str, type] = {"exact": ExactSettings, "lissa": LissaSettings, "cg": CGSettings,
-                                    "arnoldi": ArnoldiSettings}
+                                    "arnoldi": ArnoldiSettings, "ekfac": KroneckerSettings, "kfac": KroneckerSettings}
 
 
 @dataclass
@@ -94,7 +114,10 @@ class InfluenceSettings:
     """The influence engine: which solver, which curvature, how much damping."""
 
     solver: str = option("exact", "inverse-HVP solver: " + " | ".join(SOLVER_SETTINGS), choices=tuple(SOLVER_SETTINGS))
-    damping: float = option(0.01, "λ in H = ∇²L + (wd + λ)I", Range(low=0, high=1e8))
+    curvature: str = option("ggn", "ggn: the Gauss–Newton matrix JᵀH_fJ (positive semi-definite; what K-FAC/EK-FAC "
+                            "approximate) | hessian: the exact Hessian (indefinite on a deep net: damping must exceed "
+                            "its most negative eigenvalue)", choices=CURVATURES)
+    damping: float = option(0.01, "λ in H = C + (wd + λ)I, C the curvature", Range(low=0, high=1e8))
     weight_decay: float | None = option(None, "wd of the training objective (default: the checkpoint's)",
                                         Range(low=0, none=True))
     hessian_samples: int | None = option(None, "build H from this many random training examples (default: all)",

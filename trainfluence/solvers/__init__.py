@@ -1,12 +1,13 @@
 """Inverse-HVP solvers: one registry, each with its settings dataclass (:mod:`trainfluence.settings.influence`)
-and one ``inverse_hvp(op, V)``; every solve leaves a :class:`SolveReport`.
+and one ``inverse_hvp(op, V)`` over all right-hand sides at once; every solve leaves a :class:`SolveReport`.
 
 | name | method | cost |
 | --- | --- | --- |
-| ``exact`` | dense Hessian + eigendecomposition | p HVPs + O(p³); refuses above a parameter limit |
-| ``lissa`` | Koh–Liang stochastic recursion | depth × repeats minibatch HVPs per batch of right-hand sides |
-| ``cg`` | ``scipy.sparse.linalg.cg`` | ~√κ full-data HVPs per right-hand side |
-| ``arnoldi`` | top-r eigenpairs by ``scipy.sparse.linalg.eigsh`` | O(r) full-data HVPs once, then free |
+| ``exact`` | dense H + eigendecomposition | p products + O(p³); refused when it would not fit in memory |
+| ``cg`` | preconditioned conjugate gradients (EK-FAC) | a few full-data products, until ‖Hx − g‖ ≤ rtol‖g‖ |
+| ``lissa`` | preconditioned stochastic recursion, growing batch | minibatch products until the residual is below tol |
+| ``ekfac`` / ``kfac`` | Kronecker-factored Gauss–Newton, inverted exactly | two (one) passes over the data, then free |
+| ``arnoldi`` | top-r eigenpairs by ``scipy.sparse.linalg.eigsh`` | O(r) full-data products once, then free |
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 from ..settings.influence import SOLVER_SETTINGS, solver_settings
 from .arnoldi import ArnoldiSolver
-from .base import EigenSolver, SolveReport, Solver
+from .base import EigenSolver, SolveReport, Solver, preconditioner
 from .cg import CGSolver
 from .exact import ExactSolver
+from .kronecker import EkfacSolver, KfacSolver
 from .lissa import LissaSolver
 
 SOLVERS: dict[str, type[Solver]] = {
@@ -25,6 +27,8 @@ SOLVERS: dict[str, type[Solver]] = {
     "lissa": LissaSolver,
     "cg": CGSolver,
     "arnoldi": ArnoldiSolver,
+    "ekfac": EkfacSolver,
+    "kfac": KfacSolver,
 }
 assert tuple(SOLVERS) == tuple(SOLVER_SETTINGS), "settings.influence.SOLVER_SETTINGS names the registry"
 
@@ -36,5 +40,5 @@ def make_solver(name: str, settings: Any = None) -> Solver:
     return SOLVERS[name](settings)
 
 
-__all__ = ["SOLVERS", "EigenSolver", "SolveReport", "Solver", "make_solver", "ExactSolver", "LissaSolver", "CGSolver",
-           "ArnoldiSolver"]
+__all__ = ["SOLVERS", "EigenSolver", "SolveReport", "Solver", "make_solver", "preconditioner", "ExactSolver",
+           "LissaSolver", "CGSolver", "ArnoldiSolver", "EkfacSolver", "KfacSolver"]

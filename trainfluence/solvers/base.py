@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -33,6 +33,15 @@ class SolveReport:
             return f"{self.solver} converged ({what}{f' after {self.steps} steps' if self.steps else ''})"
         return (f"{self.solver} did not converge: it stopped at its step limit ({self.steps}) with {self.measure} "
                 f"{self.value:.3g} above its tolerance {self.tolerance:.3g}")
+
+
+def preconditioner(op: HessianOperator, name: str, *, batch_size: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:
+    """V ↦ P⁻¹V for ``name`` (ekfac | kfac | none) with P + (wd + λ)I; the factors come from the operator (made
+    once, shared with the ``ekfac`` / ``kfac`` solvers)."""
+    if name == "none":
+        return lambda V: V.clone()
+    kc = op.kronecker(corrected=name == "ekfac", batch_size=batch_size)
+    return lambda V: kc.solve(V, op.shift)
 
 
 class Solver:

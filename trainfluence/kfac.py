@@ -1,0 +1,248 @@
+"""Kronecker-factored curvature: K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016) and
+its eigenvalue correction EK-FAC (George et al. 2018), approximating the Gauss–Newton matrix of the objective.
+
+For a Linear or Conv2d layer with weight W [out, in] (a convolution's weight as [out, C·kh·kw]; a selected bias is
+one more input column fed by a constant 1), the per-example gradient is Gᵢ = Σₜ δₜ aₜᵀ: aₜ the layer's input at
+position t (unfolded patches for a convolution), δₜ the gradient at its output.  With the model's own labels —
+the Fisher, which for cross-entropy is the GGN; the expectation over labels is taken exactly, one backward pass per
+class with output cotangent u_c, Σ_c u_c u_cᵀ = H_f (:meth:`~trainfluence.objective.Objective.output_hessian_factors`):
+
+    G_layer ≈ T · S ⊗ A,   A = mean_{i,t} aₜaₜᵀ,   S = mean_{i,t} E_y[δₜδₜᵀ]        (K-FAC; T positions per example)
+
+With S = Q_S Λ_S Q_Sᵀ and A = Q_A Λ_A Q_Aᵀ, K-FAC's eigenvalues in the basis Q_S ⊗ Q_A are T·λ_S,o λ_A,j; EK-FAC
+replaces them by the second moment of the gradients in that basis (which keeps the cross-position terms K-FAC
+drops and fixes the Kronecker approximation's error on the diagonal):
+
+    Λ*[o, j] = (1/n) Σᵢ E_y[(Q_Sᵀ Gᵢ Q_A)²[o, j]].
+
+Parameters of other modules (BatchNorm, …) get the diagonal (1/n) Σᵢ E_y[gᵢ²].  With d = wd + λ, the
+approximation P = blockdiag(…) + dI is inverted exactly:
+
+    P⁻¹v = Q_S [(Q_Sᵀ V Q_A) / (Λ + d)] Q_Aᵀ per layer,    v / (diagonal + d) elsewhere;
+
+and gᵀP⁻¹g = ‖(Q_Sᵀ G Q_A) / √(Λ + d)‖² + … (:meth:`KroneckerCurvature.whiten`).  Factors are estimated in
+float64 over the given examples, ``batch_size`` at a time: one pass for A and S, a second for Λ* (EK-FAC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, vmap
+
+from .checks import FIX_MODEL, require_finite
+from .data.source import ExampleSource
+from .objective import FunctionalModel, Objective
+from .progress import bar
+
+
+@dataclass
+class _Layer:
+    module: str
+    weight: str
+    bias: str | None
+    conv: dict | None  # unfold arguments for a convolution; None for a linear layer
+    A: torch.Tensor | None = None
+    S: torch.Tensor | None = None
+    positions: float = 1.0  # mean positions per example (T)
+    QA: torch.Tensor | None = None
+    QS: torch.Tensor | None = None
+    eig: torch.Tensor | None = None  # [out, in] eigenvalues in the basis Q_S ⊗ Q_A (K-FAC's or EK-FAC's)
+
+    def inputs(self, inp: torch.Tensor) -> torch.Tensor:
+        """The layer's input → [B, T, in] (+ a column of ones for the bias)."""
+        if self.conv is not None:
+            a = F.unfold(inp, **self.conv).transpose(1, 2)
+        else:
+            a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
+        if self.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        return a.double()
+
+    @staticmethod
+    def deltas(out_grad: torch.Tensor) -> torch.Tensor:
+        """The gradient at the layer's output → [B, T, out]."""
+        if out_grad.dim() == 4:
+            return out_grad.flatten(2).transpose(1, 2).double()
+        return out_grad.reshape(out_grad.shape[0], -1, out_grad.shape[-1]).double()
+
+
+@dataclass
+class KroneckerCurvature:
+    """Block-diagonal GGN approximation over ``fm``'s selected parameters; ``corrected``: EK-FAC, else K-FAC."""
+
+    fm: FunctionalModel
+    objective: Objective
+    corrected: bool = True
+    layers: list[_Layer] = field(default_factory=list)
+    diagonal: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name → its diagonal estimate
+    examples: int = 0
+
+    def __post_init__(self) -> None:
+        chosen = set(self.fm.names)
+        for name, module in self.fm.module.named_modules():
+            weight, bias = (f"{name}.weight", f"{name}.bias") if name else ("weight", "bias")
+            if weight not in chosen:
+                continue
+            if isinstance(module, nn.Linear):
+                conv = None
+            elif isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+                    and not isinstance(module.padding, str):
+                conv = {"kernel_size": module.kernel_size, "dilation": module.dilation, "padding": module.padding,
+                        "stride": module.stride}
+            else:
+                continue
+            self.layers.append(_Layer(name, weight, bias if bias in chosen else None, conv))
+        covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
+        self.diagonal = {n: torch.zeros(self.fm.params[n].shape, dtype=torch.float64) for n in self.fm.names if n not in covered}
+
+    # ---- estimation ----------------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor):
+        """Logits, each layer's input and (graph-connected) output for batch x."""
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        modules = dict(self.fm.module.named_modules())
+
+        def hook_for(name: str):
+            def hook(_m, inp, out):
+                inputs[name] = inp[0].detach()
+                outputs[name] = out
+                return out.clone()  # what follows (an in-place ReLU) must not change the recorded output
+            return hook
+
+        handles = [modules[layer.module].register_forward_hook(hook_for(layer.module)) for layer in self.layers]
+        params = {n: p.detach().requires_grad_(True) for n, p in self.fm.params.items()}
+        try:
+            with torch.enable_grad():
+                logits = self.objective.outputs(lambda inp: self.fm(params, inp), x)
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, inputs, outputs
+
+    def _class_deltas(self, logits: torch.Tensor, outputs: dict[str, torch.Tensor]):
+        """For each output cotangent u_c (Σ_c u_c u_cᵀ = H_f): every layer's δ as [B, T, out]."""
+        if not self.layers:
+            return
+        factors = self.objective.output_hessian_factors(logits.detach())  # [K, B, K]
+        targets = [outputs[layer.module] for layer in self.layers]
+        for c in range(len(factors)):
+            grads = torch.autograd.grad(logits, targets, grad_outputs=factors[c], retain_graph=c < len(factors) - 1)
+            yield [_Layer.deltas(g) for g in grads]
+
+    def _diagonal_pass(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Σᵢ E_y[gᵢ²] for the parameters outside Kronecker blocks (per-example gradients of the pseudo-losses)."""
+        names = list(self.diagonal)
+        if not names:
+            return
+        factors = self.objective.output_hessian_factors(logits.detach())
+        fixed = {n: p for n, p in self.fm.params.items() if n not in self.diagonal}
+
+        def pseudo(own: dict[str, torch.Tensor], xi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
+            out = self.objective.outputs(lambda inp: self.fm({**fixed, **own}, inp), xi.unsqueeze(0))
+            return (out.squeeze(0) * ui).sum()
+
+        own = {n: self.fm.params[n] for n in names}
+        for c in range(len(factors)):
+            per_example = vmap(grad(pseudo), in_dims=(None, 0, 0))(own, x, factors[c].to(x.dtype))
+            for n in names:
+                self.diagonal[n] += per_example[n].double().pow(2).sum(0).cpu()
+
+    def fit(self, source: ExampleSource, indices: np.ndarray, *, batch_size: int = 64, progress: bool = True) -> "KroneckerCurvature":
+        """Estimate the factors (and, EK-FAC, the corrected eigenvalues) from the examples ``indices``."""
+        device = self.fm.device
+        batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        totals = {layer.module: [0.0, 0.0] for layer in self.layers}  # positions, examples
+        for sel in bar(batches, desc="kronecker factors", unit="batch", disable=not progress):
+            x, _ = source.tensors(sel)
+            x = x.to(device)
+            logits, inputs, outputs = self._forward(x)
+            a = {layer.module: layer.inputs(inputs[layer.module]) for layer in self.layers}
+            for layer in self.layers:
+                ai = a[layer.module]
+                layer.A = (layer.A if layer.A is not None else 0) + torch.einsum("btd,bte->de", ai, ai)
+                totals[layer.module][0] += ai.shape[0] * ai.shape[1]
+                totals[layer.module][1] += ai.shape[0]
+            for deltas in self._class_deltas(logits, outputs):
+                for layer, d in zip(self.layers, deltas):
+                    layer.S = (layer.S if layer.S is not None else 0) + torch.einsum("bto,btp->op", d, d)
+            self._diagonal_pass(x, logits)
+        self.examples = len(indices)
+        for layer in self.layers:
+            positions, examples = totals[layer.module]
+            layer.positions = positions / examples
+            layer.A, layer.S = (layer.A / positions).cpu(), (layer.S / positions).cpu()
+            require_finite(layer.A, f"the K-FAC input factor of {layer.module}", FIX_MODEL)
+            require_finite(layer.S, f"the K-FAC output factor of {layer.module}", FIX_MODEL)
+            la, layer.QA = torch.linalg.eigh(layer.A)
+            ls, layer.QS = torch.linalg.eigh(layer.S)
+            layer.eig = layer.positions * ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
+        for n in self.diagonal:
+            self.diagonal[n] = self.diagonal[n] / max(1, self.examples)
+        if self.corrected and self.layers:
+            self._correct(source, batches, progress)
+        return self
+
+    def _correct(self, source: ExampleSource, batches: list[np.ndarray], progress: bool) -> None:
+        """EK-FAC: the eigenvalues re-estimated as E[(Q_Sᵀ Gᵢ Q_A)²] in the K-FAC eigenbasis."""
+        sums = {layer.module: torch.zeros_like(layer.eig) for layer in self.layers}
+        for sel in bar(batches, desc="ek-fac eigenvalues", unit="batch", disable=not progress):
+            x, _ = source.tensors(sel)
+            logits, inputs, outputs = self._forward(x.to(self.fm.device))
+            rotated = {layer.module: layer.inputs(inputs[layer.module]) @ layer.QA.to(self.fm.device)
+                       for layer in self.layers}
+            for deltas in self._class_deltas(logits, outputs):
+                for layer, d in zip(self.layers, deltas):
+                    g = torch.einsum("bto,btj->boj", d @ layer.QS.to(d.device), rotated[layer.module])
+                    sums[layer.module] += g.pow(2).sum(0).cpu()
+        for layer in self.layers:
+            layer.eig = sums[layer.module] / self.examples
+            require_finite(layer.eig, f"the EK-FAC eigenvalues of {layer.module}", FIX_MODEL)
+
+    # ---- using the approximation ---------------------------------------------------------------------------
+    def _blocks(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.fm.unflatten(V.double())
+
+    def _matrix(self, layer: _Layer, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        W = parts[layer.weight].reshape(*parts[layer.weight].shape[:1], parts[layer.weight].shape[1], -1)
+        if layer.bias is not None:
+            W = torch.cat([W, parts[layer.bias].unsqueeze(-1)], dim=-1)
+        return W
+
+    def _apply(self, V: torch.Tensor, damping: float, power: float, rotate_back: bool) -> list[torch.Tensor]:
+        parts = self._blocks(V)
+        out = []
+        for layer in self.layers:
+            QS, QA = layer.QS.to(V.device), layer.QA.to(V.device)
+            Z = QS.T @ self._matrix(layer, parts) @ QA
+            Z = Z / (layer.eig.to(V.device) + damping) ** power
+            if not rotate_back:
+                out.append(Z.flatten(1))
+                continue
+            W = QS @ Z @ QA.T
+            if layer.bias is not None:
+                parts[layer.bias], W = W[..., -1], W[..., :-1]
+            parts[layer.weight] = W.reshape(parts[layer.weight].shape)
+        for n, d in self.diagonal.items():
+            scaled = parts[n] / (d.to(V.device) + damping) ** power
+            if rotate_back:
+                parts[n] = scaled
+            else:
+                out.append(scaled.flatten(1))
+        return [self.fm.flatten(parts)] if rotate_back else out
+
+    def solve(self, V: torch.Tensor, damping: float) -> torch.Tensor:
+        """P⁻¹V for flat vectors V [m, p] (``damping`` = wd + λ, added to every eigenvalue)."""
+        return self._apply(V, damping, 1.0, True)[0].to(V.dtype)
+
+    def whiten(self, G: torch.Tensor, damping: float) -> torch.Tensor:
+        """Rows w with ‖w‖² = gᵀP⁻¹g (float64)."""
+        return torch.cat(self._apply(G, damping, 0.5, False), dim=1)
+
+    def eigenvalues(self) -> torch.Tensor:
+        """Every eigenvalue of the undamped approximation (float64, CPU)."""
+        return torch.cat([layer.eig.flatten() for layer in self.layers] + [d.flatten() for d in self.diagonal.values()])
