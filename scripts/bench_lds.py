@@ -119,6 +119,14 @@ def subset_losses(args, part: str, train_set, test_set, base: torch.nn.Module, w
     return masks, losses.mean(1)
 
 
+def agreement(tau: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Mean over test points of the Pearson correlation with the reference scores, and of the overlap of the 10
+    most helpful training examples."""
+    pearson = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(tau, reference)])
+    overlap = np.mean([len(set(np.argsort(a)[:10]) & set(np.argsort(b)[:10])) / 10 for a, b in zip(tau, reference)])
+    return float(pearson), float(overlap)
+
+
 def lds(tau: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float:
     """Mean over test points of Spearman(Σ_{i∈Sⱼ} τ(t, i), loss_j(t)) across the halves j."""
     predicted = tau @ masks.T.astype(np.float64)  # [tests, M]
@@ -294,18 +302,23 @@ def main() -> None:
         except ImportError:
             print("TRAK not installed: skipped (pip install -e '.[bench]')")
 
+    reference = None  # the exact solve's scores, when the model is small enough for it
     for name, fn in methods:
         print(f"{name} …", flush=True)
         try:
             tau, seconds, info = timed(fn)
         except Exception as exc:  # a method that fails is a row saying so, not a lost run
             print(f"  failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
-            rows.append([name, "failed", "—", str(exc).splitlines()[0][:80]])
+            rows.append([name, "failed", "—", "—", "—", str(exc).splitlines()[0][:80]])
             continue
         score = lds(tau, masks, losses)
-        results[name] = {"lds": score, "seconds": seconds, **info}
-        print(f"  LDS {score:.3f}  {seconds:.1f} s  {info.get('solves', '')}", flush=True)
-        rows.append([name, score, seconds, "; ".join(info.get("solves", []))[:120]])
+        if name == "trainfluence exact":
+            reference = tau
+        pearson, overlap = agreement(tau, reference) if reference is not None else (None, None)
+        results[name] = {"lds": score, "seconds": seconds, "pearson_vs_exact": pearson, "top10_vs_exact": overlap, **info}
+        print(f"  LDS {score:.3f}  {seconds:.1f} s  vs exact {pearson} {overlap}  {info.get('solves', '')}", flush=True)
+        rows.append([name, score, seconds, "—" if pearson is None else f"{pearson:.5f}",
+                     "—" if overlap is None else f"{100 * overlap:.1f}%", "; ".join(info.get("solves", []))[:110]])
         (work / "results.json").write_text(json.dumps(results, indent=2))
 
     title = {"lr": "10-class logistic regression (7,850 parameters)", "mlp": f"MLP 784-128-128-10 ({p:,} parameters)",
@@ -316,7 +329,7 @@ MNIST: {args.n:,} training and {args.tests} test images (seeded subsets), {args.
 model(s) per half; weight decay {wd}, damping {damping} for every method that takes one. Wall time from the trained
 model to the [tests, n] scores, everything included, in one run on this machine (compare within the table).
 
-{table(["method", "LDS", "seconds", "solve"], rows)}
+{table(["method", "LDS", "seconds", "Pearson vs exact", "top-10 overlap vs exact", "solve"], rows)}
 """
     print(body)
     if not args.no_write:

@@ -116,7 +116,7 @@ def test_lissa_stops_on_its_residual_and_grows_its_batch(synthetic):
     assert float(((g - op.hvp(x)).norm(dim=1) / g.norm(dim=1)).max()) == pytest.approx(report.value, rel=1e-6)
     batches = [t["batch"] for t in trace]
     assert batches == sorted(batches) and batches[0] == 8 and batches[-1] > 8  # grew when it stalled
-    assert solver.scale_used == pytest.approx(1.2 * op.top_eigenvalue(), rel=2e-2)
+    assert solver.scale_used == pytest.approx(1.5 * op.top_eigenvalue(), rel=2e-2)
 
 
 def test_lissa_divergence_names_the_scale(synthetic_op):

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .data import ImageDataset
+from .ensemble import EnsembleEngine
 from .influence import InfluenceEngine
 from .report import html
 from .files import write_json
@@ -35,7 +35,7 @@ def _entry(dataset: ImageDataset, index: int, score: float | None = None) -> dic
     return entry
 
 
-def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, indices: list[int], top: int,
+def explain(engine: InfluenceEngine | EnsembleEngine, train: ImageDataset, test: ImageDataset, indices: list[int], top: int,
             out: Path, *, pixels: bool = False) -> dict[str, Any]:
     """The ``top`` most helpful and harmful training images for each test index; writes JSON, PNGs and HTML into ``out``.
     With ``pixels``, each shown training image also gets its I_pert,loss map (which of its pixels, if changed,
@@ -49,8 +49,7 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
     t0 = time.perf_counter()
     found = engine.top_k((x, y), top)
     timings["s_test_and_search_s"] = time.perf_counter() - t0
-    with torch.no_grad():
-        probs = torch.softmax(engine.fm(engine.fm.params, x.to(engine.device)), 1).cpu()
+    probs = engine.predict_proba(x)
     s_all = engine.s_test((x, y)) if pixels else None  # solved once for every row's pixel maps
     results = []
     for row, t in enumerate(indices):
@@ -73,7 +72,8 @@ def explain(engine: InfluenceEngine, train: ImageDataset, test: ImageDataset, in
                 e["pixel_influence_abs_sum"] = float(np.abs(maps[e["index"]]).sum())
         _figure(item, train, test, out / item["figure"], maps)
         results.append(item)
-    report = {"settings": engine.describe(), "store": str(engine.store.root if engine.store else ""),
+    report = {"settings": engine.describe(), "damping_used": engine.damping,
+              "store": str(engine.store.root if engine.store else ""),
               "solves": [to_dict(r) for r in engine.reports],
               "sign": "I_up,loss: negative = helpful (upweighting lowers the test loss), positive = harmful",
               "top": top, "gradient_store": "reused" if engine.build_report and engine.build_report.reused else "built",
@@ -110,7 +110,7 @@ def _html(report: dict[str, Any], out: Path) -> None:
              "its pixels would change this test loss (red: brighter raises it, blue: lowers it).</p>"
              if report.get("pixels") else "",
              f"<p class='muted'>{html.esc(report['sign'])}. Solver {html.esc(report['settings']['solver'])}, "
-             f"damping {html.esc(report['settings']['damping'])}.</p>"]
+             f"damping {report['damping_used']:.3g}" + (" (auto)" if report["settings"]["damping"] == "auto" else "") + ".</p>"]
     for r in report.get("solves", []):
         if not r["converged"]:
             parts.append(f"<p class='bad'>Warning: the {html.esc(r['solver'])} solve did not converge ({html.esc(r['measure'])} "

@@ -170,6 +170,34 @@ class HessianOperator:
         H = torch.cat(cols).T  # rows of the product are H eᵢ = columns of H
         return 0.5 * (H + H.T)
 
+    def extreme_eigenvalues(self, iterations: int = 30, seed: int = 0,
+                            matvec: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+        """(smallest, largest) Ritz value of a symmetric operator (default H) after ``iterations`` Lanczos steps with
+        full reorthogonalisation.  The largest is accurate early; the smallest is an over-estimate of the true
+        smallest eigenvalue (Ritz values lie inside the spectrum)."""
+        matvec = matvec or (lambda v: self.hvp(v[None])[0])
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(self.dim, generator=g, dtype=torch.float64)
+        Q = [q / q.norm()]
+        alphas, betas = [], []
+        for k in range(min(iterations, self.dim)):
+            w = matvec(Q[-1].to(self.theta)).double().cpu()
+            a = float(w @ Q[-1])
+            alphas.append(a)
+            for basis in Q:  # full reorthogonalisation: a handful of vectors, cheap next to the products
+                w -= (w @ basis) * basis
+            b = float(w.norm())
+            if b < 1e-12 * max(1.0, abs(a)) or k == min(iterations, self.dim) - 1:
+                break
+            betas.append(b)
+            Q.append(w / b)
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        ritz = torch.linalg.eigvalsh(T)
+        return float(ritz[0]), float(ritz[-1])
+
     def top_eigenvalue(self, iterations: int = 50, tol: float = 1e-3, seed: int = 0,
                        matvec: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
         """Largest-magnitude eigenvalue of H (power iteration), signed by its Rayleigh quotient."""

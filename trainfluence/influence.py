@@ -44,7 +44,7 @@ from .objective import FunctionalModel, Objective
 from .progress import bar, warn
 from .search import GradientIndex
 from .settings import to_dict, validate
-from .settings.influence import InfluenceSettings, SearchSettings, StoreSettings
+from .settings.influence import DAMPING_AUTO_FRACTION, InfluenceSettings, SearchSettings, StoreSettings
 from .solvers import SolveReport, make_solver
 from .store import BuildReport, GradientStore, build_store
 from .store.stest import STestCache
@@ -115,7 +115,7 @@ class InfluenceEngine:
         self.fm = FunctionalModel(model, self.store_settings.params, device=self.device)
         self.computer = GradientComputer(self.fm, self.objective, self.store_settings.memory_budget)
         self.solver = make_solver(self.settings.solver, solver_settings)
-        self.damping = float(self.settings.damping)
+        self._damping = None if self.settings.damping == "auto" else float(self.settings.damping)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.store: GradientStore | None = None
         self.build_report: BuildReport | None = None
@@ -130,17 +130,42 @@ class InfluenceEngine:
 
     @property
     def operator(self) -> HessianOperator:
-        """H = ∇²L + λI over the training set (or its ``hessian_samples`` subset)."""
+        """H = C + (wd + λ)I over the training set (or its ``hessian_samples`` subset), C the curvature."""
         if self._op is None:
-            self._op = HessianOperator(self.fm, self.objective, self.source, self.damping,
+            self._op = HessianOperator(self.fm, self.objective, self.source, self._damping or 0.0,
                                        curvature=self.settings.curvature, batch_size=self.settings.hessian_batch_size,
                                        hessian_samples=self.settings.hessian_samples)
+            if self._damping is None:
+                self._damping = self._op.damping = self._auto_damping(self._op)
         return self._op
+
+    @property
+    def damping(self) -> float:
+        """λ as used: the number given, or the one ``damping="auto"`` chose from the measured spectrum."""
+        if self._damping is None:
+            return self.operator.damping
+        return self._damping
+
+    def _auto_damping(self, op: HessianOperator) -> float:
+        """λ = DAMPING_AUTO_FRACTION × mean eigenvalue of the Gauss–Newton matrix (trace/p; EK-FAC's eigenvalues
+        have exactly the blocks' traces).  With the Hessian as curvature, a warning when H + (wd + λ)I is still
+        indefinite (its lowest eigenvalue estimated by power iteration on a sample)."""
+        mean = float(op.kronecker(corrected=True).eigenvalues().mean())
+        damping = DAMPING_AUTO_FRACTION * mean
+        if self.settings.curvature == "hessian":
+            sample = op.subset(1024)
+            sample.damping = damping
+            top = sample.top_eigenvalue(iterations=50)
+            lowest = top - sample.top_eigenvalue(iterations=100, seed=1, matvec=lambda v: top * v - sample.hvp(v[None])[0])
+            if lowest <= 0:
+                warn(f"the damped Hessian is indefinite (lowest eigenvalue about {lowest:.3g} with damping {damping:.3g}): "
+                     f"pass --damping above {damping - lowest:.3g}, or --curvature ggn")
+        return damping
 
     def describe(self) -> dict[str, Any]:
         """Everything s_test depends on besides the model and training data (saved beside every result)."""
         return {"solver": self.solver.name, "solver_settings": to_dict(self.solver.settings),
-                "curvature": self.settings.curvature, "damping": self.damping,
+                "curvature": self.settings.curvature, "damping": self.settings.damping,
                 "weight_decay": self.objective.weight_decay, "objective": self.objective.name, "params": self.fm.names,
                 "hessian_samples": self.settings.hessian_samples,
                 "hessian_batch_size": self.settings.hessian_batch_size}
@@ -159,6 +184,11 @@ class InfluenceEngine:
         assert self.store is not None
         self.store.require_complete()
         return self.store
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities of the model on a batch (CPU)."""
+        with torch.no_grad():
+            return torch.softmax(self.fm(self.fm.params, x.to(self.device)), 1).cpu()
 
     def gradients(self, data: Any) -> torch.Tensor:
         """Full per-example loss gradients ∇ℓ(z) [m, p] of ``data`` (test points or training examples)."""

@@ -239,6 +239,10 @@ class KroneckerCurvature:
         """P⁻¹V for flat vectors V [m, p] (``damping`` = wd + λ, added to every eigenvalue)."""
         return self._apply(V, damping, 1.0, True)[0].to(V.dtype)
 
+    def inverse_sqrt(self, V: torch.Tensor, damping: float) -> torch.Tensor:
+        """P^{-1/2}V, the symmetric square root (for spectra of P^{-1/2} H P^{-1/2})."""
+        return self._apply(V, damping, 0.5, True)[0].to(V.dtype)
+
     def whiten(self, G: torch.Tensor, damping: float) -> torch.Tensor:
         """Rows w with ‖w‖² = gᵀP⁻¹g (float64)."""
         return torch.cat(self._apply(G, damping, 0.5, False), dim=1)

@@ -78,6 +78,7 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
     report: dict[str, Any] = {"rank_by": rank_by, "n": len(train), "settings": to_dict(settings),
                               "dataset": to_dict(train.config), "checkpoint": str(ckpt.path),
                               "engine": engine.describe() if engine is not None else None,
+                              "damping_used": engine.damping if engine is not None else None,
                               "solves": [to_dict(r) for r in engine.reports] if engine is not None else []}
     if engine is not None and engine.build_report is not None:
         report["gradient_store"] = "reused (no gradient pass)" if engine.build_report.reused else \

@@ -17,7 +17,7 @@ HELP = "rank training examples as likely label errors, suggest labels, measure a
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help=HELP, description=HELP + ". Writes suspects.csv, metrics.json and index.html. "
                        "The tracin score reads the epoch-E.pt checkpoints of the same run beside --checkpoint.")
-    add_checkpoint_args(p)
+    add_checkpoint_args(p, several=True)
     add_settings(p.add_argument_group("audit"), AuditSettings)
     add_out_arg(p, "runs/audit")
     add_influence_args(p)

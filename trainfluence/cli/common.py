@@ -21,8 +21,13 @@ def add_data_args(p: argparse.ArgumentParser, *, from_checkpoint: bool = False) 
     add_settings(g, DataConfig)
 
 
-def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by trainfluence train")
+def add_checkpoint_args(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+    if several:
+        p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
+                       help="a .pt file written by trainfluence train; several (independent trainings, or epochs of one) "
+                            "average their influence scores — an ensemble (data settings come from the first)")
+    else:
+        p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by trainfluence train")
     p.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
                    help="build the checkpoint's model with this factory — needed when the checkpoint names your own "
                         "module:callable architecture: a checkpoint alone never makes trainfluence import code")
@@ -58,7 +63,8 @@ def load_checkpoint_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, A
     from ..device import resolve_device
 
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device=device, arch=args.arch)
+    path = args.checkpoint[0] if isinstance(args.checkpoint, list) else args.checkpoint
+    ckpt = load_checkpoint(path, device=device, arch=args.arch)
     train, test = load_splits(data_config(args, ckpt.meta.data_config))
     check_compatible(ckpt.meta, train)
     return ckpt, train, test, device

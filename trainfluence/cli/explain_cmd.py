@@ -16,7 +16,7 @@ HELP = "rank the training images by their influence on test predictions (most he
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help=HELP, description=HELP + ". Writes influence.json, PNG grids and index.html.")
-    add_checkpoint_args(p)
+    add_checkpoint_args(p, several=True)
     index = number(Range(low=0, integer=True), "--index")
     p.add_argument("--index", dest="index", type=index, nargs="+", default=None, metavar="I",
                    help="image(s) of --split to explain (required)")
@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         print("  most helpful: " + ", ".join(f"#{e['index']} {e['label_name']} ({e['score']:.3g})" for e in item["helpful"][:5]))
         print("  most harmful: " + ", ".join(f"#{e['index']} {e['label_name']} ({e['score']:.3g})" for e in item["harmful"][:5]))
     store = engine.build_report
-    print(f"gradient store {store.store.root}: " + ("reused (no gradient pass)" if store.reused else
-                                                     f"built {store.built_chunks} chunk(s)"))
+    print(f"gradient store{'s' if len(args.checkpoint) > 1 else ''} {store.store.root}: " +
+          ("reused (no gradient pass)" if store.reused else f"built {store.built_chunks} chunk(s)"))
     print(f"wrote {out / 'influence.json'}, {len(report['explanations'])} PNG grid(s) and {out / 'index.html'}")
     return 0
 

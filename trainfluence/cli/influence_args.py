@@ -36,8 +36,20 @@ def solver_options(args: argparse.Namespace, solver: str) -> dict[str, Any]:
 
 
 def engine_from_args(args: argparse.Namespace, ckpt: Any, train: Any, device: Any) -> Any:
+    """The engine the flags ask for — an ensemble when several --checkpoint are given."""
+    from ..checkpoint import load_checkpoint
+    from ..ensemble import EnsembleEngine
     from ..influence import InfluenceEngine
 
     settings = settings_from(args, InfluenceSettings)
-    return InfluenceEngine(ckpt, train, settings=settings, store=settings_from(args, StoreSettings),
-                           solver_settings=solver_options(args, settings.solver), cache_dir=args.cache_dir, device=device)
+    options = dict(settings=settings, store=settings_from(args, StoreSettings),
+                   solver_settings=solver_options(args, settings.solver), cache_dir=args.cache_dir, device=device)
+    paths = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
+    if len(paths) == 1:
+        return InfluenceEngine(ckpt, train, **options)
+    others = [load_checkpoint(p, device=device, arch=args.arch) for p in paths[1:]]
+    for other, path in zip(others, paths[1:]):
+        if (other.meta.arch, other.meta.classes, other.meta.image_size) != (ckpt.meta.arch, ckpt.meta.classes, ckpt.meta.image_size):
+            raise UserError(f"{path} is not a checkpoint of the same architecture and classes as {paths[0]}: an "
+                            "ensemble averages models of one kind")
+    return EnsembleEngine([ckpt, *others], train, **options)

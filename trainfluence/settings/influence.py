@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-from . import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, Range, option
+from . import NONNEG, NONNEG_INT, POSITIVE_INT, Range, option
 
 
 @dataclass
@@ -43,6 +43,9 @@ class StoreSettings:
 
 PRECONDITIONERS = ("ekfac", "kfac", "none")
 CURVATURES = ("ggn", "hessian")
+#: damping "auto" = this fraction of the mean eigenvalue of the Gauss–Newton matrix (trace/p, exact from EK-FAC),
+#: chosen by the linear datamodeling score (BENCHMARKS.md, "Damping")
+DAMPING_AUTO_FRACTION = 0.01
 
 
 @dataclass
@@ -70,17 +73,16 @@ class LissaSettings:
 
     preconditioner: str = option("ekfac", "P in x ← x + P⁻¹(g − H_B x)/s: ekfac | kfac | none (classic LiSSA)",
                                  choices=PRECONDITIONERS)
+    momentum: bool = option(True, "heavy-ball acceleration, its step and momentum set from the extreme eigenvalues "
+                            "of P⁻¹H (Lanczos on the held examples); --no-lissa-momentum: the plain recursion")
     depth: int = option(1000, "steps at most", POSITIVE_INT)
     batch_size: int = option(256, "examples per stochastic product at the start; doubled whenever the residual stops "
                              "falling, up to all of the Hessian's examples", POSITIVE_INT)
-    scale: float | str = option("auto", "s, above the top eigenvalue of P⁻¹H; auto = scale-factor × a power-iteration "
+    scale: float | str = option("auto", "s, above the top eigenvalue of P⁻¹H; auto = scale-factor × a Lanczos "
                                 "estimate", Range(low=0, low_open=True, high=1e12, words=("auto",)))
-    scale_factor: float = option(1.2, "multiple of the estimated top eigenvalue used by scale auto", Range(low=1, high=100))
-    tol: float = option(1e-3, "stop when |(H + λI)x − g| / |g| on the held examples is below this for every test "
-                        "point", Range(low=0, low_open=True, high=1, high_open=True))
-    check_every: int = option(10, "steps between residual checks", POSITIVE_INT)
-    check_samples: int = option(2048, "held examples the residual is measured on (all of the Hessian's examples when "
-                                "fewer)", POSITIVE_INT)
+    scale_factor: float = option(1.5, "multiple of the estimated top eigenvalue used by scale auto", Range(low=1, high=100))
+    tol: float = option(1e-3, "stop when |(H + λI)x − g| / |g| over the Hessian's examples is below this for every "
+                        "test point", Range(low=0, low_open=True, high=1, high_open=True))
     seed: int = option(0, "minibatch sampling seed", NONNEG_INT)
 
 
@@ -98,7 +100,9 @@ class CGSettings:
 class ArnoldiSettings:
     """``arnoldi``: the top eigenpairs of H (ARPACK), inverted on their subspace."""
 
-    rank: int = option(50, "eigenpairs kept", POSITIVE_INT)
+    rank: int | str = option("auto", "eigenpairs kept; auto: doubled from 64 until the smallest kept eigenvalue is "
+                             "within 2× of wd + λ (or max-rank)", Range(low=1, integer=True, words=("auto",)))
+    max_rank: int = option(2048, "the most eigenpairs rank auto keeps", POSITIVE_INT)
     tol: float = option(1e-4, "relative accuracy of the eigenvalues (0: machine precision)", NONNEG)
     maxiter: int | None = option(None, "ARPACK restarts (default: its own)", Range(low=1, integer=True, none=True))
     seed: int = option(0, "starting vector seed", NONNEG_INT)
@@ -117,7 +121,10 @@ class InfluenceSettings:
     curvature: str = option("ggn", "ggn: the Gauss–Newton matrix JᵀH_fJ (positive semi-definite; what K-FAC/EK-FAC "
                             "approximate) | hessian: the exact Hessian (indefinite on a deep net: damping must exceed "
                             "its most negative eigenvalue)", choices=CURVATURES)
-    damping: float = option(0.01, "λ in H = C + (wd + λ)I, C the curvature", Range(low=0, high=1e8))
+    damping: float | str = option(0.01, "λ in H = C + (wd + λ)I, C the curvature; auto = "
+                                  f"{DAMPING_AUTO_FRACTION:g} × the mean eigenvalue of the Gauss–Newton matrix "
+                                  "(its trace / p, measured), recorded with the results",
+                                  Range(low=0, high=1e8, words=("auto",)))
     weight_decay: float | None = option(None, "wd of the training objective (default: the checkpoint's)",
                                         Range(low=0, none=True))
     hessian_samples: int | None = option(None, "build H from this many random training examples (default: all)",

@@ -1,12 +1,19 @@
-"""``arnoldi``: a low-rank inverse from the top eigenpairs of H (Schioppa et al. 2022, "Scaling up influence
-functions").  ``scipy.sparse.linalg.eigsh`` (ARPACK's implicitly restarted Lanczos, the symmetric Arnoldi
-method) on the HVP operator gives the r largest eigenvalues μⱼ of H = ∇²L + λI and eigenvectors uⱼ; then
+"""``arnoldi``: the top eigenpairs of H (Schioppa et al. 2022, "Scaling up influence functions").
+``scipy.sparse.linalg.eigsh`` (ARPACK's implicitly restarted Lanczos, the symmetric Arnoldi method) on the
+curvature-vector product gives the r largest eigenvalues μⱼ of H = C + (wd + λ)I and eigenvectors uⱼ; then
 
-    H⁻¹ v ≈ Σⱼ uⱼ (uⱼᵀ v) / μⱼ        (directions outside the top-r subspace are dropped).
+    H⁻¹ v ≈ Σⱼ uⱼ (uⱼᵀ v) / μⱼ + (v − U Uᵀ v) / c,
 
-Once the eigenpairs are known every further right-hand side — and every self-influence ‖diag(μ)^{-1/2} Uᵀ g‖²
-— costs one small matrix product.  With r ≥ p − 1 (full rank; ARPACK needs r < p) a dense eigendecomposition is
-used instead, which makes the result exact.
+c the mean of the eigenvalues not kept: (trace H − Σⱼ μⱼ) / (p − r), the trace measured exactly for the
+Gauss–Newton matrix (EK-FAC's eigenvalues keep every block's trace); with the Hessian as curvature c = μ_r, an
+upper bound.  Dropping the other directions outright (Schioppa et al.'s form) discards what matters most in H⁻¹
+— the low-curvature directions, where 1/μ is largest: on MNIST logistic regression rank 50 scored LDS 0.25 that
+way and 0.64 with the complement; exact is 0.91 (BENCHMARKS.md).
+
+``rank="auto"`` (default) doubles r from 64 until μ_r ≤ 2(wd + λ) — every direction not kept then has an
+eigenvalue within a factor 2 of c — or ``max_rank`` is reached.  Once the eigenpairs are known, every further
+right-hand side — and every self-influence — costs one small matrix product.  With r ≥ p − 1 (ARPACK needs r < p)
+a dense eigendecomposition is used instead, which makes the result exact.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 
 from ..hvp import HessianOperator
 from ..settings.influence import ArnoldiSettings
-from .base import EigenSolver
+from .base import EigenSolver, SolveReport
+
+FIRST_AUTO_RANK = 64
 
 
 class ArnoldiSolver(EigenSolver):
@@ -27,26 +36,51 @@ class ArnoldiSolver(EigenSolver):
         super().__init__(settings or ArnoldiSettings())
         self.hvp_calls = 0
 
-    def compute_eigenpairs(self, op: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-r eigenvalues μ (descending) and eigenvectors U [p, r] of H (damping included); only the positive
-        ones are kept."""
-        r = self.settings.rank
+    def _top(self, op: HessianOperator, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         if r >= op.dim - 1:
             evals, evecs = torch.linalg.eigh(op.dense())
-            evals, evecs = evals.flip(0)[:r], evecs.flip(1)[:, :r]
-            self.hvp_calls = op.dim
+            self.hvp_calls += op.dim
+            return evals.flip(0), evecs.flip(1)
+
+        def matvec(v: np.ndarray) -> np.ndarray:
+            self.hvp_calls += 1
+            return op.hvp(torch.as_tensor(np.ravel(v), dtype=op.theta.dtype)[None])[0].double().cpu().numpy()
+
+        A = LinearOperator((op.dim, op.dim), matvec=matvec, dtype=np.float64)
+        v0 = np.random.default_rng(self.settings.seed).normal(size=op.dim)
+        vals, vecs = eigsh(A, k=r, which="LA", tol=self.settings.tol, maxiter=self.settings.maxiter, v0=v0)
+        order = np.argsort(vals)[::-1]
+        return torch.as_tensor(vals[order].copy()), torch.as_tensor(vecs[:, order].copy())
+
+    def compute_eigenpairs(self, op: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-r eigenvalues μ (descending, positive) and eigenvectors U [p, r] of H, and the complement c."""
+        st = self.settings
+        self.hvp_calls = 0
+        if st.rank == "auto":
+            r = min(FIRST_AUTO_RANK, st.max_rank)
+            while True:
+                evals, evecs = self._top(op, min(r, op.dim))
+                if float(evals[-1]) <= 2 * op.shift or r >= min(st.max_rank, op.dim):
+                    break
+                r = min(2 * r, st.max_rank)
         else:
-            count = [0]
-
-            def matvec(v: np.ndarray) -> np.ndarray:
-                count[0] += 1
-                return op.hvp(torch.as_tensor(np.ravel(v), dtype=op.theta.dtype)[None])[0].double().cpu().numpy()
-
-            A = LinearOperator((op.dim, op.dim), matvec=matvec, dtype=np.float64)
-            v0 = np.random.default_rng(self.settings.seed).normal(size=op.dim)
-            vals, vecs = eigsh(A, k=r, which="LA", tol=self.settings.tol, maxiter=self.settings.maxiter, v0=v0)
-            order = np.argsort(vals)[::-1]
-            evals, evecs = torch.as_tensor(vals[order].copy()), torch.as_tensor(vecs[:, order].copy())
-            self.hvp_calls = count[0]
+            evals, evecs = self._top(op, min(int(st.rank), op.dim))
         keep = evals > 0
-        return evals[keep], evecs[:, keep]
+        evals, evecs = evals[keep], evecs[:, keep]
+        rest = op.dim - len(evals)
+        if rest > 0:
+            if op.curvature == "ggn":
+                trace = float(op.kronecker(corrected=True).eigenvalues().sum()) + op.dim * op.shift
+                self.complement = max((trace - float(evals.sum())) / rest, op.shift)
+            else:
+                self.complement = float(evals[-1])
+        else:
+            self.complement = None
+        self.report_details = {"rank": len(evals), "smallest_kept_eigenvalue": float(evals[-1]),
+                               "complement": self.complement, "hvp_calls": self.hvp_calls}
+        return evals, evecs
+
+    def eigenpairs(self, op: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = super().eigenpairs(op)
+        self.report = SolveReport(self.name, True, details={**self.report_details, **self.report.details})
+        return pairs

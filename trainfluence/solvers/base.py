@@ -31,17 +31,28 @@ class SolveReport:
         if self.converged:
             what = f"{self.measure} {self.value:.3g}" if self.value is not None else "exact"
             return f"{self.solver} converged ({what}{f' after {self.steps} steps' if self.steps else ''})"
-        return (f"{self.solver} did not converge: it stopped at its step limit ({self.steps}) with {self.measure} "
-                f"{self.value:.3g} above its tolerance {self.tolerance:.3g}")
+        return (f"{self.solver} did not converge: {self.measure} {self.value:.3g} after {self.steps} steps, above its "
+                f"tolerance {self.tolerance:.3g}")
 
 
-def preconditioner(op: HessianOperator, name: str, *, batch_size: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:
-    """V ↦ P⁻¹V for ``name`` (ekfac | kfac | none) with P + (wd + λ)I; the factors come from the operator (made
-    once, shared with the ``ekfac`` / ``kfac`` solvers)."""
+@dataclass
+class Preconditioner:
+    """P ≈ H for the iterative solvers: ``P(V)`` = P⁻¹V, ``inverse_sqrt(V)`` = P^{-1/2}V."""
+
+    solve: Callable[[torch.Tensor], torch.Tensor]
+    inverse_sqrt: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        return self.solve(V)
+
+
+def preconditioner(op: HessianOperator, name: str, *, batch_size: int = 64) -> Preconditioner:
+    """``name`` (ekfac | kfac | none) as a :class:`Preconditioner`, P = the Kronecker-factored GGN + (wd + λ)I; the
+    factors come from the operator (made once, shared with the ``ekfac`` / ``kfac`` solvers)."""
     if name == "none":
-        return lambda V: V.clone()
+        return Preconditioner(lambda V: V.clone(), lambda V: V.clone())
     kc = op.kronecker(corrected=name == "ekfac", batch_size=batch_size)
-    return lambda V: kc.solve(V, op.shift)
+    return Preconditioner(lambda V: kc.solve(V, op.shift), lambda V: kc.inverse_sqrt(V, op.shift))
 
 
 class Solver:
@@ -63,13 +74,18 @@ class Solver:
 
 
 class EigenSolver(Solver):
-    """Solvers that invert H through eigenpairs (μⱼ, uⱼ) of the damped H:  H⁻¹ v ≈ Σⱼ uⱼ (uⱼᵀ v) / μⱼ — all of them
-    (``exact``) or the top r (``arnoldi``).  The eigenpairs are computed once per operator and reused; then
-    gᵀ H⁻¹ g = ‖diag(μ)^{-1/2} Uᵀ g‖² costs one small product per example."""
+    """Solvers that invert H through eigenpairs (μⱼ, uⱼ) of the damped H — all of them (``exact``) or the top r
+    (``arnoldi``), the rest of the space given one eigenvalue c (the mean of the eigenvalues not kept):
+
+        H⁻¹ v ≈ Σⱼ uⱼ (uⱼᵀ v) / μⱼ + (v − U Uᵀ v) / c.
+
+    The eigenpairs are computed once per operator and reused; gᵀ H⁻¹ g = ‖diag(μ)^{-1/2} Uᵀ g‖² + (‖g‖² − ‖Uᵀg‖²)/c
+    costs one small product per example."""
 
     def __init__(self, settings: Any):
         super().__init__(settings)
         self._cache: tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.complement: float | None = None  # c, the eigenvalue given to the directions not kept (None: all kept)
 
     def compute_eigenpairs(self, op: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -88,13 +104,18 @@ class EigenSolver(Solver):
 
     def inverse_hvp(self, op: HessianOperator, V: torch.Tensor) -> torch.Tensor:
         evals, evecs = self.eigenpairs(op)
-        out = ((V.to(evecs) @ evecs) / evals) @ evecs.T
+        Vd = V.to(evecs)
+        coefficients = Vd @ evecs
+        out = (coefficients / evals) @ evecs.T
+        if self.complement is not None:
+            out += (Vd - coefficients @ evecs.T) / self.complement
         return out.to(V.dtype).to(V.device)
 
-    def whiten(self, op: HessianOperator, G: torch.Tensor) -> torch.Tensor:
-        """diag(μ)^{-1/2} Uᵀ g for each row g of G."""
-        evals, evecs = self.eigenpairs(op)
-        return (G.to(evecs) @ evecs) / evals.sqrt()
-
     def quadratic_form(self, op: HessianOperator, G: torch.Tensor) -> torch.Tensor:
-        return self.whiten(op, G).pow(2).sum(1)
+        evals, evecs = self.eigenpairs(op)
+        Gd = G.to(evecs)
+        coefficients = Gd @ evecs
+        out = (coefficients.pow(2) / evals).sum(1)
+        if self.complement is not None:
+            out += (Gd.pow(2).sum(1) - coefficients.pow(2).sum(1)).clamp_min(0) / self.complement
+        return out

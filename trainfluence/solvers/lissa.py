@@ -1,24 +1,38 @@
 """``lissa``: the stochastic Neumann recursion of Koh & Liang (Agarwal et al.'s LiSSA), made to converge.
 
-Convention (one, stated once).  With H = C + (wd + λ)I (C the curvature), a preconditioner P ≈ H (EK-FAC by
-default; ``none`` gives the classic recursion), a scale s and minibatch estimates H_B:
+Convention (one, stated once).  H = C + (wd + λ)I over the Hessian's examples S (all training examples, or the
+``--hessian-samples`` subset), C the curvature; a preconditioner P ≈ H (EK-FAC by default; ``none`` gives the
+classic recursion), a scale s and minibatch estimates H_B (B ⊂ S):
 
     x₀ = P⁻¹g;    x_{j+1} = x_j + P⁻¹(g − H_{B_j} x_j) / s;    x → H⁻¹g.
 
 (With P = I and h = s·x this is the classic hⱼ = g + hⱼ₋₁ − H_B hⱼ₋₁/s, estimate h/s.)  It converges when the
-eigenvalues of P⁻¹H lie in (0, 2s): ``scale="auto"`` takes ``scale_factor`` × the top eigenvalue of P⁻¹H from a
-power iteration on the held examples, and a good P makes them all close to 1, so few steps are needed.
+eigenvalues of P⁻¹H lie in (0, 2s); ``scale="auto"`` takes ``scale_factor`` × the largest.  Its error falls like
+(1 − μ/s)ʲ, μ the smallest eigenvalue of P⁻¹H — κ = s/μ steps per factor e.  EK-FAC lowers κ (about 80 against
+340 for MNIST logistic regression) but not to 1, so by default the recursion is accelerated with heavy-ball
+momentum (Polyak) once the steps are exact (with minibatches, momentum would amplify their noise by 1/(1 − β)):
+
+    x_{j+1} = x_j + α P⁻¹(g − H x_j) + β (x_j − x_{j−1}),   α = 4/(√L + √μ)²,   β = ((√L − √μ)/(√L + √μ))²,
+
+L = s and μ from a 30-step Lanczos run on P^{-1/2} H P^{-1/2} over 2,048 of the examples (its smallest Ritz value
+over-estimates μ, which only slows the slowest directions: eigenvalues below μ still converge); the error then
+falls like √κ steps per factor e.
 
 Minibatch noise sets a floor on the error that more steps do not lower (Koh & Liang's default never reached its
-tolerance).  Two remedies here: the batch doubles whenever the residual stops falling by 5% between checks, up to
-all of the Hessian's examples (then each step is exact and the recursion converges linearly to H⁻¹g); and the stop
-is decided by the residual itself, ‖g − H_held x‖ / ‖g‖ ≤ ``tol`` for every test point, measured every
-``check_every`` steps on ``check_samples`` held examples (all of them when there are fewer — then it is the exact
-residual).  All test points are solved together, one vectorised product per step.  A diverging recursion (a
-residual growing 1000-fold, NaN) stops with the scale or damping to try.
+tolerance).  The batch doubles whenever the residual stops falling by 5% between checks, up to all of S; from
+then on each step is exact and the recursion converges as above.  The stop is decided by the residual of the
+system being solved, ‖g − H x‖ / ‖g‖ ≤ ``tol`` for every test point, over all of S: computed once per |S| examples
+of minibatch work while the batch is smaller, and at every step (for free: the step computes H x) once it is all
+of S.  (A residual against another sample's Hessian would not do: its sampling noise alone was 50% of ‖g‖ for
+MNIST logistic regression.)  All test points are solved together, one vectorised product per step.  A
+minibatch's curvature can exceed the estimate of L, and momentum tolerates less of that than the plain
+recursion: a diverging run (a residual growing 10-fold, NaN) starts again with twice the scale, up to three
+times; then — or at once with a scale given — it stops with the scale or damping to try.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -27,7 +41,14 @@ from ..errors import UserError
 from ..hvp import HessianOperator
 from ..progress import bar
 from ..settings.influence import LissaSettings
-from .base import SolveReport, Solver, preconditioner
+from .base import Preconditioner, SolveReport, Solver, preconditioner
+
+SPECTRUM_SAMPLES = 2048
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int):
+        self.step = step
 
 
 class LissaSolver(Solver):
@@ -43,53 +64,67 @@ class LissaSolver(Solver):
         st = self.settings
         V = V.to(op.theta)
         P = preconditioner(op, st.preconditioner)
-        held = op.subset(st.check_samples, st.seed)
-        vnorm = V.norm(dim=1).clamp_min(1e-30)
+        low = high = 1.0
+        if st.scale == "auto" or st.momentum:
+            sample = op.subset(SPECTRUM_SAMPLES, st.seed)
+            low, high = sample.extreme_eigenvalues(
+                iterations=30, seed=st.seed, matvec=lambda v: P.inverse_sqrt(sample.hvp(P.inverse_sqrt(v[None])))[0])
+        scale = st.scale_factor * max(high, 1e-12) if st.scale == "auto" else float(st.scale)
+        for attempt in range(4):
+            try:
+                return self._run(op, P, V, scale, low)
+            except _Diverged as exc:
+                if st.scale != "auto" or attempt == 3:
+                    raise self._diverged(op, scale, exc.step) from None
+                scale *= 2  # minibatch curvature exceeded the estimate: a safer scale, from the start again
+        raise AssertionError("unreachable")
 
-        def residual(X: torch.Tensor) -> torch.Tensor:
-            return (V - held.hvp(X)).norm(dim=1) / vnorm
-
-        if st.scale == "auto":
-            top = held.top_eigenvalue(iterations=30, tol=1e-2, seed=st.seed, matvec=lambda v: P(held.hvp(v[None]))[0])
-            scale = st.scale_factor * max(top, 1e-12)
-        else:
-            scale = float(st.scale)
+    def _run(self, op: HessianOperator, P: Preconditioner, V: torch.Tensor, scale: float, low: float) -> torch.Tensor:
+        st = self.settings
         self.scale_used = scale
+        if st.momentum:
+            mu = min(max(low, 1e-12), scale / 1.01)
+            alpha = 4.0 / (math.sqrt(scale) + math.sqrt(mu)) ** 2
+            beta = ((math.sqrt(scale) - math.sqrt(mu)) / (math.sqrt(scale) + math.sqrt(mu))) ** 2
+        else:
+            alpha, beta = 1.0 / scale, 0.0
         n = len(op.indices)
-        batch = min(st.batch_size, n)
+        vnorm = V.norm(dim=1).clamp_min(1e-30)
         rng = np.random.default_rng(st.seed)
+        batch = min(st.batch_size, n)
         X = P(V)
-        rel = residual(X)
-        best, start = float(rel.max()), float(rel.max())
-        self.trace = [{"step": 0, "batch": batch, "relative_residual": best}]
-        step = 0
+        previous = X
+        R = V - op.hvp(X)
+        worst = best = start = float((R.norm(dim=1) / vnorm).max())
+        self.trace = [{"step": 0, "batch": batch, "relative_residual": worst}]
+        step, work = 0, 0
         pbar = bar(total=st.depth, desc="lissa", unit="step")
-        while best > st.tol and step < st.depth:
+        while worst > st.tol and step < st.depth:
             step += 1
-            if batch >= n:
-                HX = op.hvp(X)
-            else:
+            if batch >= n:  # exact steps: accelerated
+                X, previous = X + alpha * P(R) + beta * (X - previous), X  # R: the current iterate's residual
+            else:  # minibatch steps: plain (momentum would amplify the minibatch noise by 1/(1 − β))
                 x, y = op.sample(rng, batch)
-                HX = op.batch_hvp(X, x, y)
-            X = X + P(V - HX) / scale
-            if not bool(torch.isfinite(X).all()):
-                raise self._diverged(op, scale, step)
+                X = previous = X + P(V - op.batch_hvp(X, x, y)) / scale
+                work += batch
             pbar.update(1)
-            if step % st.check_every == 0 or step == st.depth:
-                rel = residual(X)
-                worst = float(rel.max())
-                self.trace.append({"step": step, "batch": batch, "relative_residual": worst})
-                pbar.set_postfix(residual=f"{worst:.2e}", batch=batch, refresh=False)
-                if not np.isfinite(worst) or worst > 1e3 * max(start, 1.0):
-                    raise self._diverged(op, scale, step)
-                if worst > 0.95 * best and batch < n:
-                    batch = min(2 * batch, n)  # stalled at the minibatch noise floor: average over more examples
+            if batch >= n or work >= n or step == st.depth:  # the residual over all of S
+                R = V - op.hvp(X)
+                worst = float((R.norm(dim=1) / vnorm).max())
+                if not np.isfinite(worst) or worst > 10 * max(start, 1.0):
+                    raise _Diverged(step)
+                if batch < n:
+                    self.trace.append({"step": step, "batch": batch, "relative_residual": worst})
+                    if worst > 0.95 * best:
+                        batch = min(2 * batch, n)  # stalled at the minibatch noise floor: average over more examples
+                    work = 0
                 best = min(best, worst)
+                pbar.set_postfix(residual=f"{worst:.2e}", batch=batch, refresh=False)
         pbar.close()
-        final = float(residual(X).max()) if step % st.check_every else best
-        self.report = SolveReport(self.name, final <= st.tol, step, "relative residual", final, st.tol,
-                                  {"scale": scale, "preconditioner": st.preconditioner, "final_batch": batch,
-                                   "held_examples": len(held.indices), "trace": self.trace})
+        self.trace.append({"step": step, "batch": batch, "relative_residual": worst})
+        self.report = SolveReport(self.name, worst <= st.tol, step, "relative residual", worst, st.tol,
+                                  {"scale": scale, "step_size": alpha, "momentum": beta, "preconditioner": st.preconditioner,
+                                   "final_batch": batch, "examples": n, "trace": self.trace})
         return X
 
     def _diverged(self, op: HessianOperator, scale: float, step: int) -> UserError:

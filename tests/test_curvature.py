@@ -1,0 +1,153 @@
+"""Curvature: the Gauss–Newton product, the Kronecker-factored approximations (K-FAC, EK-FAC) checked against the
+dense GGN, damping chosen from the spectrum, and ensembles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import hessian, jacrev
+
+from trainfluence.data.source import TensorSource
+from trainfluence.ensemble import EnsembleEngine
+from trainfluence.hvp import HessianOperator
+from trainfluence.influence import InfluenceEngine
+from trainfluence.kfac import KroneckerCurvature
+from trainfluence.objective import FunctionalModel, Objective
+from trainfluence.settings.influence import DAMPING_AUTO_FRACTION
+
+
+class ConvNet(nn.Module):
+    """Strided, dilated and padded convolutions, BatchNorm (a diagonal block) and in-place ReLUs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 3, stride=2, dilation=1, padding=2, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+        self.bn.running_var.fill_(1.5)
+        self.bn.running_mean.fill_(0.1)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x), inplace=True)
+        x = F.relu(self.bn(self.c2(x)), inplace=True)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = ConvNet().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    fm = FunctionalModel(model, "all")
+    theta = fm.flat_params()
+    J = jacrev(lambda th: fm(fm.unflatten(th), x))(theta)  # [n, K, p]
+    p = torch.softmax(fm(fm.params, x), 1)
+    Hf = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    ggn = torch.einsum("bkp,bkl,blq->pq", J, Hf, J) / len(x)
+    return {"model": model, "x": x, "y": y, "fm": fm, "ggn": ggn}
+
+
+def block_indices(fm: FunctionalModel, layer) -> np.ndarray:
+    """Flat indices of a Kronecker layer's [out, in (+ bias)] matrix, row by row."""
+    offsets = dict(zip(fm.names, np.cumsum([0] + fm.sizes)[:-1]))
+    out = fm.params[layer.weight].shape[0]
+    w = np.arange(offsets[layer.weight], offsets[layer.weight] + fm.params[layer.weight].numel()).reshape(out, -1)
+    if layer.bias:
+        w = np.concatenate([w, np.arange(offsets[layer.bias], offsets[layer.bias] + out)[:, None]], 1)
+    return w.reshape(-1)
+
+
+def test_ggn_product_is_the_gauss_newton_matrix(problem):
+    op = HessianOperator(problem["fm"], Objective(0.03), TensorSource(problem["x"], problem["y"]), damping=0.2,
+                         curvature="ggn", batch_size=16)
+    V = torch.randn(5, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    want = V @ (problem["ggn"] + 0.23 * torch.eye(op.dim, dtype=torch.float64))
+    assert torch.allclose(op.hvp(V), want, atol=1e-11)
+
+
+def test_ggn_equals_the_hessian_for_a_linear_model():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4).double()
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 4, (30,))
+    fm, obj = FunctionalModel(model, "all"), Objective(0.0)
+    src = TensorSource(x, y)
+    H = hessian(lambda th: obj.loss(fm(fm.unflatten(th), x), y).mean())(fm.flat_params())
+    V = torch.randn(3, fm.dim, dtype=torch.float64)
+    for curvature in ("ggn", "hessian"):
+        assert torch.allclose(HessianOperator(fm, obj, src, 0.0, curvature=curvature).hvp(V), V @ H, atol=1e-12)
+
+
+def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_its_basis(problem):
+    """EK-FAC's defining property: in the K-FAC eigenbasis Q_S ⊗ Q_A its eigenvalues are the exact diagonal of
+    the GGN block, Λ* = diag(Qᵀ G Q) — for convolutions too, where K-FAC itself is only an approximation; the
+    parameters outside Kronecker blocks (BatchNorm) get the exact diagonal of the GGN."""
+    fm = problem["fm"]
+    kc = KroneckerCurvature(fm, Objective()).fit(TensorSource(problem["x"], problem["y"]), np.arange(40), batch_size=7,
+                                                 progress=False)
+    assert [layer.module for layer in kc.layers] == ["c1", "c2", "fc"] and set(kc.diagonal) == {"bn.weight", "bn.bias"}
+    kfac = KroneckerCurvature(fm, Objective(), corrected=False).fit(TensorSource(problem["x"], problem["y"]),
+                                                                   np.arange(40), batch_size=40, progress=False)
+    for layer, plain in zip(kc.layers, kfac.layers):
+        idx = block_indices(fm, layer)
+        Q = torch.kron(layer.QS, layer.QA)
+        exact = torch.diagonal(Q.T @ problem["ggn"][np.ix_(idx, idx)] @ Q).reshape(layer.eig.shape)
+        assert torch.allclose(layer.eig, exact, atol=1e-12), layer.module
+        assert torch.allclose(plain.A, layer.A) and torch.allclose(plain.S, layer.S)  # same factors, batch-size free
+        assert float((plain.eig - exact).abs().max()) > 1e-6  # K-FAC's own eigenvalues are an approximation
+    offsets = dict(zip(fm.names, np.cumsum([0] + fm.sizes)[:-1]))
+    for name, d in kc.diagonal.items():
+        i = np.arange(offsets[name], offsets[name] + d.numel())
+        assert torch.allclose(d.flatten(), torch.diagonal(problem["ggn"])[i], atol=1e-12)
+    # the approximation P + dI, assembled densely, is what solve and whiten invert
+    dense = torch.zeros(fm.dim, fm.dim, dtype=torch.float64)
+    for layer in kc.layers:
+        Q = torch.kron(layer.QS, layer.QA)
+        dense[np.ix_(block_indices(fm, layer), block_indices(fm, layer))] = Q @ torch.diag(layer.eig.flatten()) @ Q.T
+    for name, d in kc.diagonal.items():
+        i = np.arange(offsets[name], offsets[name] + d.numel())
+        dense[i, i] = d.flatten()
+    dense += 0.05 * torch.eye(fm.dim, dtype=torch.float64)
+    V = torch.randn(4, fm.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = torch.linalg.solve(dense, V.T).T
+    assert torch.allclose(kc.solve(V, 0.05), want, atol=1e-10)
+    assert torch.allclose(kc.whiten(V, 0.05).pow(2).sum(1), (V * want).sum(1), atol=1e-10)
+    half = kc.inverse_sqrt(V, 0.05)
+    assert torch.allclose(kc.inverse_sqrt(half, 0.05), want, atol=1e-10)
+    # the mean eigenvalue is the GGN's (its trace / p): what damping "auto" scales
+    assert float(kc.eigenvalues().mean()) == pytest.approx(float(torch.trace(problem["ggn"])) / fm.dim, rel=1e-10)
+
+
+def test_ekfac_solver_and_damping_auto(problem, tmp_path):
+    x, y = problem["x"], problem["y"]
+    engine = InfluenceEngine(problem["model"], (x, y), solver="ekfac", params="all", damping="auto", weight_decay=0.0,
+                             cache_dir=tmp_path)
+    want = DAMPING_AUTO_FRACTION * float(torch.trace(problem["ggn"])) / problem["fm"].dim
+    assert engine.damping == pytest.approx(want, rel=1e-8)
+    assert engine.describe()["damping"] == "auto"
+    si = engine.self_influence()
+    G = engine.gradients((x, y))
+    direct = (engine.inverse_hvp(G).double() * G.double()).sum(1).numpy()
+    np.testing.assert_allclose(si, direct, rtol=1e-8)  # whitening and solving agree
+
+
+def test_ensemble_averages_its_members(problem, tmp_path):
+    x, y = problem["x"], problem["y"]
+    other = ConvNet().double().eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)
+    options = dict(solver="exact", params="fc", damping=0.1, weight_decay=0.0, cache_dir=tmp_path)
+    ensemble = EnsembleEngine([problem["model"], other], (x, y), **options)
+    test = (x[:3], y[:3])
+    single = [InfluenceEngine(m, (x, y), **options).influence(test) for m in (problem["model"], other)]
+    np.testing.assert_allclose(ensemble.influence(test), (single[0] + single[1]) / 2, rtol=1e-6)
+    top = ensemble.top_k(test, 4)
+    mean = (single[0] + single[1]) / 2
+    np.testing.assert_array_equal(top.helpful_index, np.argsort(mean, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(ensemble.self_influence(), np.mean([InfluenceEngine(m, (x, y), **options).self_influence()
+                                                                  for m in (problem["model"], other)], axis=0), rtol=1e-6)
