@@ -268,23 +268,31 @@ def main() -> None:
             methods.append((name, fn))
 
     common = dict(damping=damping)
+
+    def row(name: str, members: list | None = None, **options: Any) -> None:
+        add(name, lambda: ours(members or [model], train_set, test_set, wd, work, **{"params": "all", **common, **options}))
+
     if p <= 20000:
-        add("trainfluence exact", lambda: ours([model], train_set, test_set, wd, work, solver="exact", params="all", **common))
+        row("trainfluence exact", solver="exact")
     else:
-        add("trainfluence exact, last layer", lambda: ours([model], train_set, test_set, wd, work, solver="exact", params="last", **common))
-    add("trainfluence cg (EK-FAC preconditioned)", lambda: ours([model], train_set, test_set, wd, work, solver="cg", params="all", **common))
-    add("trainfluence lissa (defaults)", lambda: ours([model], train_set, test_set, wd, work, solver="lissa", params="all", **common))
-    add("trainfluence lissa, classic (no preconditioner, depth 300)", lambda: ours(
-        [model], train_set, test_set, wd, work, solver="lissa", params="all",
-        solver_settings={"preconditioner": "none", "depth": 300}, **common))
-    add("trainfluence ekfac", lambda: ours([model], train_set, test_set, wd, work, solver="ekfac", params="all", **common))
-    add("trainfluence kfac", lambda: ours([model], train_set, test_set, wd, work, solver="kfac", params="all", **common))
-    add("trainfluence arnoldi (rank 50)", lambda: ours([model], train_set, test_set, wd, work, solver="arnoldi", params="all", **common))
-    add("trainfluence cg, curvature hessian", lambda: ours([model], train_set, test_set, wd, work, solver="cg", params="all",
-                                                           curvature="hessian", **common))
+        row("trainfluence exact, last layer", solver="exact", params="last")
+    row("trainfluence lissa (defaults)", solver="lissa")
+    row("trainfluence cg (EK-FAC preconditioned)", solver="cg", solver_settings={"maxiter": 30})
+    row("trainfluence ekfac", solver="ekfac")
+    row("trainfluence kfac", solver="kfac")
+    for samples in (1000, 2000):
+        row(f"trainfluence lissa, H on {samples} examples", solver="lissa", hessian_samples=samples)
+    row("trainfluence cg, H on 1000 examples", solver="cg", hessian_samples=1000, solver_settings={"maxiter": 30})
+    row("trainfluence lissa, no preconditioner", solver="lissa", solver_settings={"preconditioner": "none"})
+    row("trainfluence arnoldi (rank auto)", solver="arnoldi")
+    row("trainfluence arnoldi, rank 50", solver="arnoldi", solver_settings={"rank": 50})
+    row("trainfluence cg, curvature hessian", solver="cg", curvature="hessian", solver_settings={"maxiter": 30})
+    for fraction in ("auto",):
+        row(f"trainfluence ekfac, damping {fraction}", solver="ekfac", damping=fraction)
+        row(f"trainfluence lissa, damping {fraction}", solver="lissa", damping=fraction)
     if part == "mlp":
-        add("trainfluence ekfac, 5 models", lambda: ours(models, train_set, test_set, wd, work, solver="ekfac", params="all", **common))
-        add("trainfluence cg, 5 models", lambda: ours(models, train_set, test_set, wd, work, solver="cg", params="all", **common))
+        row("trainfluence ekfac, 5 models", members=models, solver="ekfac")
+        row("trainfluence lissa, H on 1000 examples, 5 models", members=models, solver="lissa", hessian_samples=1000)
     if not args.no_peers:
         try:
             import kronfluence  # noqa: F401

@@ -12,7 +12,6 @@ same model and training settings).  Writes mean ± std into BENCHMARKS.md and th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile

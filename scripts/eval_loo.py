@@ -9,8 +9,9 @@ Parts (``--part``, default all):
           full-batch float64 L-BFGS (ReLU makes the objective non-smooth, so not to a stationary point), influence
           with damping that makes H + λI definite, each removal retrained by a fixed number of warm-started L-BFGS
           iterations and compared with a baseline retrained the same way with nothing removed.
-  lissa   LiSSA's relative error against the exact solve vs depth (default CNN, last layer).
-  timing  time per s_test for each solver, and for the self-influence of 10,000 MNIST images.
+
+Every solver's agreement with the exact solve, and its time, is measured by scripts/bench_lds.py (in one run, with
+the linear datamodeling score beside it).
 
     python scripts/eval_loo.py --data-root ../shared/data
 """
@@ -24,10 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
@@ -37,8 +34,8 @@ from benchlib import DEFAULT_MNIST, table, update_section  # noqa: E402
 
 from trainfluence.checkpoint import load_checkpoint  # noqa: E402
 from trainfluence.data import DataConfig, load_dataset  # noqa: E402
-from trainfluence.data.source import TensorSource  # noqa: E402
 from trainfluence.influence import InfluenceEngine  # noqa: E402
+from trainfluence.report.figures import plt, save_figure  # noqa: E402
 from trainfluence.models import build_model  # noqa: E402
 from trainfluence.objective import FunctionalModel, Objective  # noqa: E402
 from trainfluence.train import TrainConfig, train  # noqa: E402
@@ -53,9 +50,9 @@ def set_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
 
 
 def loo_experiment(model, train_set, test_set, wd: float, damping: float, solver: str, solver_settings: dict,
-                   tests: int, top: int, work: Path, label: str, refit_args: dict) -> dict:
-    engine = InfluenceEngine(model, train_set, solver=solver, damping=damping, weight_decay=wd,
-                             solver_settings=solver_settings, cache_dir=work / "cache")
+                   tests: int, top: int, work: Path, label: str, refit_args: dict, curvature: str = "ggn") -> dict:
+    engine = InfluenceEngine(model, train_set, solver=solver, damping=damping, weight_decay=wd, params="all",
+                             curvature=curvature, solver_settings=solver_settings, cache_dir=work / "cache")
     fm, obj = engine.fm, engine.objective
     x, y = test_set.tensors()
     losses = example_losses(fm, obj, fm.params, (x, y))
@@ -89,14 +86,12 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float, solver
     ax.set_ylabel("predicted: −I_up,loss / n")
     ax.set_title(label, fontsize=9)
     fig.tight_layout()
-    Path("runs").mkdir(exist_ok=True)
-    fig.savefig(f"runs/loo_{label.split()[0].lower()}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, Path("runs") / f"loo_{label.split()[0].lower()}.png")
     return {"pearson": float(pearsonr(pred_all, act_all)[0]), "spearman": float(spearmanr(pred_all, act_all)[0]),
             "slope": float(act_all @ pred_all / (pred_all @ pred_all)), "points": per_point, "s_test_s": s_test_s,
             "retrain_s": retrain_s, "retrainings": len(removed) + 1, "refit": refit_args,
             "n": engine.n, "params": engine.fm.dim, "solver": solver, "solver_settings": solver_settings,
-            "damping": damping, "weight_decay": wd, "top": top}
+            "damping": damping, "curvature": curvature, "weight_decay": wd, "top": top}
 
 
 def part_logreg(args, work: Path) -> dict:
@@ -129,74 +124,17 @@ def part_cnn(args, work: Path) -> dict:
     objective_value(fm, objective, params, x, y).backward()
     grad_norm = float(torch.cat([p.grad.flatten() for p in params.values()]).norm())
     print(f"CNN refined by {args.cnn_refine} L-BFGS iterations in {refine_s:.0f} s; gradient norm {grad_norm:.2e}", flush=True)
-    r = loo_experiment(model, train_set, test_set, args.cnn_wd, args.cnn_damping, "cg", {"rtol": 1e-5, "maxiter": args.cnn_cg_maxiter},
-                       args.tests, args.top, work, "Default CNN (MNIST subset)", {"max_iter": args.cnn_refit})
+    r = loo_experiment(model, train_set, test_set, args.cnn_wd, args.cnn_damping, "cg", {"rtol": 1e-6, "maxiter": args.cnn_cg_maxiter},
+                       args.tests, args.top, work, "Default CNN (MNIST subset)", {"max_iter": args.cnn_refit},
+                       curvature=args.cnn_curvature)
     r.update(refine_s=refine_s, refine_iterations=args.cnn_refine, gradient_norm=grad_norm, epochs=args.cnn_epochs)
     return r
-
-
-def cnn_checkpoint(args, work: Path, n: int = 10000):
-    cfg = DataConfig("mnist", data_root=args.data_root, train_size=n, test_size=1000)
-    train_set, test_set = load_dataset(cfg, "train"), load_dataset(cfg, "test")
-    if not (work / "cnn10k" / "final.pt").is_file():
-        train(TrainConfig(epochs=3), train_set, test_set, work / "cnn10k", progress=False)
-    return load_checkpoint(work / "cnn10k" / "final.pt"), train_set, test_set
-
-
-def part_lissa(args, work: Path) -> dict:
-    ckpt, train_set, test_set = cnn_checkpoint(args, work)
-    x, y = test_set.tensors(slice(0, 4))
-    exact = InfluenceEngine(ckpt.model, train_set, solver="exact", params="last", damping=0.01,
-                            weight_decay=ckpt.meta.weight_decay, cache_dir=None)
-    G = exact.gradients((x, y))
-    ref = exact.inverse_hvp(G)
-    rows = []
-    for depth in (10, 30, 100, 300, 1000, 3000):
-        lissa = InfluenceEngine(ckpt.model, train_set, solver="lissa", params="last", damping=0.01, cache_dir=None,
-                                weight_decay=ckpt.meta.weight_decay, solver_settings={"depth": depth, "tol": 0.0})
-        t0 = time.perf_counter()
-        est = lissa.inverse_hvp(G)
-        rel = ((est - ref).norm(dim=1) / ref.norm(dim=1)).mean().item()
-        cos = torch.nn.functional.cosine_similarity(est, ref).mean().item()
-        rows.append({"depth": depth, "relative_error": rel, "cosine": cos, "seconds": time.perf_counter() - t0,
-                     "scale": lissa.solver.scale_used})
-        print(f"lissa depth {depth}: relative error {rel:.4f}", flush=True)
-    return {"rows": rows, "params": exact.fm.dim}
-
-
-def part_timing(args, work: Path) -> dict:
-    ckpt, train_set, test_set = cnn_checkpoint(args, work)
-    x, y = test_set.tensors(slice(0, 1))
-    wd = ckpt.meta.weight_decay
-    configs = [
-        ("exact, last layer", dict(solver="exact", params="last")),
-        ("arnoldi rank 20, all params, H on 1,000 images", dict(solver="arnoldi", params="all", hessian_samples=1000,
-                                                                solver_settings={"rank": 20})),
-        ("cg (maxiter 100), all params, H on 1,000 images", dict(solver="cg", params="all", hessian_samples=1000,
-                                                                 solver_settings={"maxiter": 100, "rtol": 1e-4})),
-        ("lissa (depth 300, batch 64), all params", dict(solver="lissa", params="all",
-                                                        solver_settings={"depth": 300, "batch_size": 64, "tol": 0.0})),
-    ]
-    rows = []
-    for label, kw in configs:
-        engine = InfluenceEngine(ckpt.model, train_set, damping=0.01, weight_decay=wd, cache_dir=None, **kw)
-        t0 = time.perf_counter()
-        engine.inverse_hvp(engine.gradients((x, y)))
-        first = time.perf_counter() - t0
-        row = {"solver": label, "first_s_test_s": first}
-        if kw["solver"] in ("exact", "arnoldi"):
-            t0 = time.perf_counter()
-            engine.self_influence()
-            row["self_influence_10k_s"] = time.perf_counter() - t0
-        rows.append(row)
-        print(row, flush=True)
-    return {"rows": rows, "n": len(train_set)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=str(DEFAULT_MNIST))
-    ap.add_argument("--part", nargs="+", default=["logreg", "cnn", "lissa", "timing"])
+    ap.add_argument("--part", nargs="+", default=["logreg", "cnn"], choices=["logreg", "cnn"])
     ap.add_argument("--tests", type=int, default=3, help="test points per model")
     ap.add_argument("--top", type=int, default=30, help="retrained removals per test point (top |influence|)")
     ap.add_argument("--logreg-n", type=int, default=20000)
@@ -205,7 +143,9 @@ def main() -> None:
     ap.add_argument("--cnn-epochs", type=int, default=10)
     ap.add_argument("--cnn-wd", type=float, default=0.01)
     ap.add_argument("--cnn-damping", type=float, default=0.1,
-                    help="the refined CNN's Hessian has eigenvalues down to about -0.04 (measured): λ makes H + λI definite")
+                    help="with --cnn-curvature hessian, the refined CNN's Hessian has eigenvalues down to about -0.04 "
+                         "(measured): λ makes H + λI definite")
+    ap.add_argument("--cnn-curvature", default="ggn", choices=["ggn", "hessian"])
     ap.add_argument("--cnn-refine", type=int, default=300, help="L-BFGS iterations before influence (not to a stationary point)")
     ap.add_argument("--cnn-refit", type=int, default=100, help="L-BFGS iterations of each retraining (and of the baseline)")
     ap.add_argument("--cnn-cg-maxiter", type=int, default=300)
@@ -214,7 +154,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="eval_loo_"))
     out_path = Path(args.json)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    parts = {"logreg": part_logreg, "cnn": part_cnn, "lissa": part_lissa, "timing": part_timing}
+    parts = {"logreg": part_logreg, "cnn": part_cnn}
     for name in args.part:
         results[name] = parts[name](args, work)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +169,7 @@ def render(r: dict) -> str:
             continue
         e = r[key]
         lines.append(f"**{title}**: n = {e['n']:,} training images, {e['params']:,} parameters, wd = {e['weight_decay']}, "
-                     f"damping {e['damping']}, solver {e['solver']} {e['solver_settings']}; top {e['top']} training images by "
+                     f"curvature {e.get('curvature', 'hessian')}, damping {e['damping']}, solver {e['solver']} {e['solver_settings']}; top {e['top']} training images by "
                      f"|influence| for each of {len(e['points'])} test points, each removed and the model retrained "
                      f"(warm-started L-BFGS). **Pearson {e['pearson']:.3f}, Spearman {e['spearman']:.3f}** over all "
                      f"pairs; slope actual/predicted {e['slope']:.2f}; {e['s_test_s']:.1f} s per s_test.")
@@ -246,20 +186,6 @@ def render(r: dict) -> str:
         lines.append(table(["test point", "test loss", "Pearson", "Spearman"],
                            [[p["test_index"], p["test_loss"], p["pearson"], p["spearman"]] for p in e["points"]]))
         lines.append("")
-    if "lissa" in r:
-        lines.append(f"**LiSSA vs the exact solve** (default CNN on 10,000 MNIST images, last layer, {r['lissa']['params']} "
-                     "parameters, damping 0.01, batch 128, scale auto):")
-        lines.append("")
-        lines.append(table(["depth", "relative error", "cosine", "seconds (4 right-hand sides)"],
-                           [[x["depth"], x["relative_error"], x["cosine"], x["seconds"]] for x in r["lissa"]["rows"]]))
-        lines.append("")
-    if "timing" in r:
-        lines.append(f"**Time per s_test** (one test point, default CNN, {r['timing']['n']:,} MNIST training images; first "
-                     "call, including any factorisation) **and for all self-influences**:")
-        lines.append("")
-        lines.append(table(["solver", "first s_test s", f"self-influence of all {r['timing']['n']:,} s"],
-                           [[x["solver"], x["first_s_test_s"], x.get("self_influence_10k_s", "— (one solve per example)")]
-                            for x in r["timing"]["rows"]]))
     return "\n".join(lines)
 
 

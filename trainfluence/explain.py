@@ -25,11 +25,18 @@ from .settings import to_dict
 MAX_DRAWN = 20  # training images per row of a picture
 
 
-def _entry(dataset: ImageDataset, index: int, score: float | None = None) -> dict[str, Any]:
+MAGNITUDE_NOTE = ("Magnitude: removing a training image changes this test loss by about −score/n (first order). Measured "
+                  "by retraining (BENCHMARKS.md): for MNIST logistic regression the actual change was 1.2× the prediction "
+                  "(Pearson 0.99); for deep networks the ranking holds better than the size of the number.")
+
+
+def _entry(dataset: ImageDataset, index: int, score: float | None = None, n: int | None = None) -> dict[str, Any]:
     label = int(dataset.labels[index])
     entry: dict[str, Any] = {**dataset.describe_item(index), "label": label, "label_name": dataset.classes[label]}
     if score is not None:
         entry["score"] = float(score)
+        if n:
+            entry["predicted_loss_change_if_removed"] = -float(score) / n
     if dataset.noise is not None:
         entry["label_flipped"] = bool(index in set(dataset.noise.indices))
     return entry
@@ -57,8 +64,8 @@ def explain(engine: InfluenceEngine | EnsembleEngine, train: ImageDataset, test:
         item = {
             "test": {**_entry(test, t), "prediction": pred, "prediction_name": test.classes[pred],
                      "probability": float(probs[row, pred])},
-            "helpful": [_entry(train, int(i), s) for i, s in zip(found.helpful_index[row], found.helpful_score[row])],
-            "harmful": [_entry(train, int(i), s) for i, s in zip(found.harmful_index[row], found.harmful_score[row])],
+            "helpful": [_entry(train, int(i), s, len(train)) for i, s in zip(found.helpful_index[row], found.helpful_score[row])],
+            "harmful": [_entry(train, int(i), s, len(train)) for i, s in zip(found.harmful_index[row], found.harmful_score[row])],
             "figure": f"explain-{t}.png",
         }
         maps = None
@@ -76,6 +83,7 @@ def explain(engine: InfluenceEngine | EnsembleEngine, train: ImageDataset, test:
               "store": str(engine.store.root if engine.store else ""),
               "solves": [to_dict(r) for r in engine.reports],
               "sign": "I_up,loss: negative = helpful (upweighting lowers the test loss), positive = harmful",
+              "magnitude": MAGNITUDE_NOTE,
               "top": top, "gradient_store": "reused" if engine.build_report and engine.build_report.reused else "built",
               "pixels": pixels, "timings": timings, "explanations": results}
     write_json(out / "influence.json", report)
@@ -109,6 +117,7 @@ def _html(report: dict[str, Any], out: Path) -> None:
              "<p class='muted'>With --pixels: under each training image, its I_pert,loss map — how moving each of "
              "its pixels would change this test loss (red: brighter raises it, blue: lowers it).</p>"
              if report.get("pixels") else "",
+             f"<p class='muted'>{html.esc(report['magnitude'])}</p>",
              f"<p class='muted'>{html.esc(report['sign'])}. Solver {html.esc(report['settings']['solver'])}, "
              f"damping {report['damping_used']:.3g}" + (" (auto)" if report["settings"]["damping"] == "auto" else "") + ".</p>"]
     for r in report.get("solves", []):
@@ -122,7 +131,8 @@ def _html(report: dict[str, Any], out: Path) -> None:
         parts.append(html.img(item["figure"], f"explanation of test image {t['index']}", "figure"))
         for kind in ("helpful", "harmful"):
             paths = any("path" in e for e in item[kind])
-            rows = [[e["index"], *([e.get("path", "")] if paths else []), e["label_name"], e["score"]] for e in item[kind]]
+            rows = [[e["index"], *([e.get("path", "")] if paths else []), e["label_name"], e["score"],
+                     e["predicted_loss_change_if_removed"]] for e in item[kind]]
             parts.append(f"<h3>Most {kind}</h3>" + html.table(["training index", *(["file"] if paths else []), "label",
-                                                                "I_up,loss"], rows))
+                                                                "I_up,loss", "test-loss change if removed"], rows))
     html.write_page(out / "index.html", "trainfluence explain", "\n".join(parts))

@@ -129,7 +129,7 @@ class HessianOperator:
         return require_finite(total + self.shift * V, "a Hessian-vector product",
                               "the model or its inputs give NaN/Inf curvature — check the checkpoint, or raise --damping")
 
-    def kronecker(self, *, corrected: bool = True, samples: int | None = None, batch_size: int = 64,
+    def kronecker(self, *, corrected: bool = True, samples: int | None = None, batch_size: int = 128,
                   seed: int = 0) -> "KroneckerCurvature":
         """The Kronecker-factored (EK-FAC, or K-FAC) Gauss–Newton approximation over this operator's examples (or a
         seeded sample of ``samples`` of them), estimated once and shared by every solver that asks."""

@@ -21,7 +21,9 @@ approximation P = blockdiag(…) + dI is inverted exactly:
     P⁻¹v = Q_S [(Q_Sᵀ V Q_A) / (Λ + d)] Q_Aᵀ per layer,    v / (diagonal + d) elsewhere;
 
 and gᵀP⁻¹g = ‖(Q_Sᵀ G Q_A) / √(Λ + d)‖² + … (:meth:`KroneckerCurvature.whiten`).  Factors are estimated in
-float64 over the given examples, ``batch_size`` at a time: one pass for A and S, a second for Λ* (EK-FAC).
+float64 (products of a batch in the model's dtype, their sums in float64) over the given examples,
+``batch_size`` at a time: one pass for A and S, a second for Λ* (EK-FAC); the K output cotangents of a batch go
+through one batched backward pass.
 """
 
 from __future__ import annotations
@@ -54,21 +56,21 @@ class _Layer:
     eig: torch.Tensor | None = None  # [out, in] eigenvalues in the basis Q_S ⊗ Q_A (K-FAC's or EK-FAC's)
 
     def inputs(self, inp: torch.Tensor) -> torch.Tensor:
-        """The layer's input → [B, T, in] (+ a column of ones for the bias)."""
+        """The layer's input → [B, T, in] (+ a column of ones for the bias), in the model's dtype."""
         if self.conv is not None:
             a = F.unfold(inp, **self.conv).transpose(1, 2)
         else:
             a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
         if self.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        return a.double()
+        return a
 
     @staticmethod
     def deltas(out_grad: torch.Tensor) -> torch.Tensor:
-        """The gradient at the layer's output → [B, T, out]."""
-        if out_grad.dim() == 4:
-            return out_grad.flatten(2).transpose(1, 2).double()
-        return out_grad.reshape(out_grad.shape[0], -1, out_grad.shape[-1]).double()
+        """Gradients at the layer's output, one set per output cotangent: [K, B, …] → [K, B, T, out]."""
+        if out_grad.dim() == 5:  # a convolution: [K, B, out, H, W]
+            return out_grad.flatten(3).transpose(2, 3)
+        return out_grad.reshape(out_grad.shape[0], out_grad.shape[1], -1, out_grad.shape[-1])
 
 
 @dataclass
@@ -124,15 +126,13 @@ class KroneckerCurvature:
                 h.remove()
         return logits, inputs, outputs
 
-    def _class_deltas(self, logits: torch.Tensor, outputs: dict[str, torch.Tensor]):
-        """For each output cotangent u_c (Σ_c u_c u_cᵀ = H_f): every layer's δ as [B, T, out]."""
-        if not self.layers:
-            return
-        factors = self.objective.output_hessian_factors(logits.detach())  # [K, B, K]
+    def _class_deltas(self, logits: torch.Tensor, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Every layer's δ for every output cotangent u_c (Σ_c u_c u_cᵀ = H_f) at once: [K, B, T, out] per layer —
+        one batched backward pass over the K cotangents."""
+        factors = self.objective.output_hessian_factors(logits.detach()).to(logits.dtype)  # [K, B, K]
         targets = [outputs[layer.module] for layer in self.layers]
-        for c in range(len(factors)):
-            grads = torch.autograd.grad(logits, targets, grad_outputs=factors[c], retain_graph=c < len(factors) - 1)
-            yield [_Layer.deltas(g) for g in grads]
+        grads = torch.autograd.grad(logits, targets, grad_outputs=factors, is_grads_batched=True)
+        return [_Layer.deltas(g) for g in grads]
 
     def _diagonal_pass(self, x: torch.Tensor, logits: torch.Tensor) -> None:
         """Σᵢ E_y[gᵢ²] for the parameters outside Kronecker blocks (per-example gradients of the pseudo-losses)."""
@@ -152,7 +152,7 @@ class KroneckerCurvature:
             for n in names:
                 self.diagonal[n] += per_example[n].double().pow(2).sum(0).cpu()
 
-    def fit(self, source: ExampleSource, indices: np.ndarray, *, batch_size: int = 64, progress: bool = True) -> "KroneckerCurvature":
+    def fit(self, source: ExampleSource, indices: np.ndarray, *, batch_size: int = 128, progress: bool = True) -> "KroneckerCurvature":
         """Estimate the factors (and, EK-FAC, the corrected eigenvalues) from the examples ``indices``."""
         device = self.fm.device
         batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -161,15 +161,16 @@ class KroneckerCurvature:
             x, _ = source.tensors(sel)
             x = x.to(device)
             logits, inputs, outputs = self._forward(x)
-            a = {layer.module: layer.inputs(inputs[layer.module]) for layer in self.layers}
-            for layer in self.layers:
-                ai = a[layer.module]
-                layer.A = (layer.A if layer.A is not None else 0) + torch.einsum("btd,bte->de", ai, ai)
-                totals[layer.module][0] += ai.shape[0] * ai.shape[1]
-                totals[layer.module][1] += ai.shape[0]
-            for deltas in self._class_deltas(logits, outputs):
-                for layer, d in zip(self.layers, deltas):
-                    layer.S = (layer.S if layer.S is not None else 0) + torch.einsum("bto,btp->op", d, d)
+            deltas = self._class_deltas(logits, outputs) if self.layers else []
+            for layer, d in zip(self.layers, deltas):
+                a = layer.inputs(inputs[layer.module])
+                a2 = a.reshape(-1, a.shape[-1])
+                d2 = d.reshape(-1, d.shape[-1])
+                # products in the model's dtype, sums of batches in float64
+                layer.A = (layer.A if layer.A is not None else 0) + (a2.T @ a2).double()
+                layer.S = (layer.S if layer.S is not None else 0) + (d2.T @ d2).double()
+                totals[layer.module][0] += a.shape[0] * a.shape[1]
+                totals[layer.module][1] += a.shape[0]
             self._diagonal_pass(x, logits)
         self.examples = len(indices)
         for layer in self.layers:
@@ -193,12 +194,15 @@ class KroneckerCurvature:
         for sel in bar(batches, desc="ek-fac eigenvalues", unit="batch", disable=not progress):
             x, _ = source.tensors(sel)
             logits, inputs, outputs = self._forward(x.to(self.fm.device))
-            rotated = {layer.module: layer.inputs(inputs[layer.module]) @ layer.QA.to(self.fm.device)
-                       for layer in self.layers}
-            for deltas in self._class_deltas(logits, outputs):
-                for layer, d in zip(self.layers, deltas):
-                    g = torch.einsum("bto,btj->boj", d @ layer.QS.to(d.device), rotated[layer.module])
-                    sums[layer.module] += g.pow(2).sum(0).cpu()
+            for layer, d in zip(self.layers, self._class_deltas(logits, outputs)):
+                dtype = d.dtype
+                a = layer.inputs(inputs[layer.module]) @ layer.QA.to(d.device, dtype)  # [B, T, in]
+                d = d @ layer.QS.to(d.device, dtype)  # [K, B, T, out]
+                if a.shape[1] == 1:  # one position: (Q_Sᵀ δ aᵀ Q_A)² = (Q_Sᵀδ)² ((Q_Aᵀa)²)ᵀ, no [B, out, in] tensor
+                    g2 = torch.einsum("kbo,bj->oj", d[:, :, 0].pow(2), a[:, 0].pow(2))
+                else:
+                    g2 = torch.einsum("kbto,btj->kboj", d, a).pow(2).sum((0, 1))
+                sums[layer.module] += g2.double().cpu()
         for layer in self.layers:
             layer.eig = sums[layer.module] / self.examples
             require_finite(layer.eig, f"the EK-FAC eigenvalues of {layer.module}", FIX_MODEL)

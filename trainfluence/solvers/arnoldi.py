@@ -11,7 +11,8 @@ upper bound.  Dropping the other directions outright (Schioppa et al.'s form) di
 way and 0.64 with the complement; exact is 0.91 (BENCHMARKS.md).
 
 ``rank="auto"`` (default) doubles r from 64 until μ_r ≤ 2(wd + λ) — every direction not kept then has an
-eigenvalue within a factor 2 of c — or ``max_rank`` is reached.  Once the eigenpairs are known, every further
+eigenvalue within a factor 2 of c — or ``max_rank`` is reached, or the rank whose Lanczos basis (2r vectors of p
+float64 numbers) would pass 1 GiB.  Once the eigenpairs are known, every further
 right-hand side — and every self-influence — costs one small matrix product.  With r ≥ p − 1 (ARPACK needs r < p)
 a dense eigendecomposition is used instead, which makes the result exact.
 """
@@ -27,6 +28,7 @@ from ..settings.influence import ArnoldiSettings
 from .base import EigenSolver, SolveReport
 
 FIRST_AUTO_RANK = 64
+BASIS_BYTES = 1 << 30  # ARPACK keeps about 2r Lanczos vectors of p float64 numbers
 
 
 class ArnoldiSolver(EigenSolver):
@@ -57,12 +59,13 @@ class ArnoldiSolver(EigenSolver):
         st = self.settings
         self.hvp_calls = 0
         if st.rank == "auto":
-            r = min(FIRST_AUTO_RANK, st.max_rank)
+            cap = max(1, min(st.max_rank, op.dim, BASIS_BYTES // (16 * op.dim)))
+            r = min(FIRST_AUTO_RANK, cap)
             while True:
-                evals, evecs = self._top(op, min(r, op.dim))
-                if float(evals[-1]) <= 2 * op.shift or r >= min(st.max_rank, op.dim):
+                evals, evecs = self._top(op, r)
+                if float(evals[-1]) <= 2 * op.shift or r >= cap:
                     break
-                r = min(2 * r, st.max_rank)
+                r = min(2 * r, cap)
         else:
             evals, evecs = self._top(op, min(int(st.rank), op.dim))
         keep = evals > 0

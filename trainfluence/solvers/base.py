@@ -46,7 +46,7 @@ class Preconditioner:
         return self.solve(V)
 
 
-def preconditioner(op: HessianOperator, name: str, *, batch_size: int = 64) -> Preconditioner:
+def preconditioner(op: HessianOperator, name: str, *, batch_size: int = 128) -> Preconditioner:
     """``name`` (ekfac | kfac | none) as a :class:`Preconditioner`, P = the Kronecker-factored GGN + (wd + λ)I; the
     factors come from the operator (made once, shared with the ``ekfac`` / ``kfac`` solvers)."""
     if name == "none":
