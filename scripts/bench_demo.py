@@ -36,7 +36,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     summary = json.loads((work / "demo" / "summary.json").read_text())
     seconds = summary["seconds"]
-    best = summary["saliency_best_pointing"]
+    best = summary["saliency_best"]
     body = "\n".join([
         f"### `trainfluence demo{' --small' if args.small else ''}`: time per stage (fresh folders, nothing cached)",
         "",
@@ -48,7 +48,8 @@ def main() -> None:
         "",
         f"Results of this run: test accuracy {summary['test_accuracy']:.4f}; audit ({summary['audit_rank_by']}) finds "
         f"{summary['audit_recall_at_10pct']:.1%} of the flipped labels in the top 10% (ROC AUC "
-        f"{summary['audit_roc_auc']:.4f}); best saliency pointing {best['pointing']:.3f} ({best['method']}).",
+        f"{summary['audit_roc_auc']:.4f}); best saliency method {best['method']} (pointing {best['pointing']:.3f}, box IoU "
+        f"{best['box_iou']:.3f}).",
     ])
     print(body)
     update_section("demo" + ("_small" if args.small else ""), body)

@@ -347,11 +347,15 @@ def test_large_top_is_drawn_capped(shapes_run, tmp_path, capsys):
         assert im.width * im.height < 4_000_000
 
 
-def test_interrupted_fix_leaves_no_temporary_folder(shapes_run, tmp_path):
+def test_interrupted_fix_leaves_no_temporary_folder(tmp_path):
+    from trainfluence.train import TrainConfig, train
+
+    cfg = DataConfig(train_size=300, test_size=30)
+    train(TrainConfig(epochs=4), load_dataset(cfg, "train"), load_dataset(cfg, "test"), tmp_path / "run", progress=False)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
-        proc = subprocess.Popen([sys.executable, "-m", "trainfluence", "audit", "--checkpoint", str(shapes_run["checkpoint"]),
+        proc = subprocess.Popen([sys.executable, "-m", "trainfluence", "audit", "--checkpoint", str(tmp_path / "run" / "final.pt"),
                                  "--score", "loss", "--fix", "3", "--out", str(tmp_path / "audit"),
                                  "--cache-dir", str(tmp_path / "cache")],
                                 env={**ENV, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

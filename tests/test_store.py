@@ -66,7 +66,7 @@ def test_projected_fp16_store(model, small, tmp_path):
     assert store.key["dtype"] == "fp16" and store.array("grads").dtype == np.float16 and store.dim == 512
     fm = FunctionalModel(model, "all")
     x, y = small.tensors()
-    projector = store.projector(fm.sizes)
+    projector = store.projector(fm)
     assert projector.block_dims is not None and sum(projector.block_dims) == 512  # energy allocation recorded
     want = projector.project(GradientComputer(fm, Objective()).flat(x, y)).numpy()
     got = store.read()

@@ -23,6 +23,7 @@ from .influence import InfluenceEngine
 from .progress import write
 from .report import html
 from .report.figures import plt, save_figure
+from .saliency.evaluate import METRICS
 from .saliency.run import run_saliency
 from .settings import to_dict
 from .train import TrainConfig, train
@@ -94,13 +95,15 @@ def run_demo(out: Path, settings: DemoSettings, device: torch.device, cache_dir:
                        randomization_images=settings.randomization_images)
     _stage(timings, "saliency", t0)
 
-    best = max(sal["evaluation"]["results"].items(), key=lambda kv: kv[1].get("pointing", 0))
+    best = (sal["evaluation"]["best"], sal["evaluation"]["results"][sal["evaluation"]["best"]])
     summary = {
         "train_accuracy": fit["train_accuracy"], "test_accuracy": fit["test_accuracy"],
         "audit_rank_by": audit["rank_by"],
         "audit_recall_at_10pct": audit["metrics"][audit["rank_by"]]["recall_at_10pct"],
         "audit_roc_auc": audit["metrics"][audit["rank_by"]]["roc_auc"],
-        "saliency_best_pointing": {"method": best[0], "pointing": best[1]["pointing"], "box_iou": best[1]["box_iou"]},
+        "saliency_best": {"method": best[0], "pointing": best[1]["pointing"], "box_iou": best[1]["box_iou"],
+                          "deletion_auc": best[1]["deletion_auc"], "insertion_auc": best[1]["insertion_auc"],
+                          "rule": sal["evaluation"]["best_rule"]},
         "store": {"path": str(store.root), "examples": store.n, "dims": store.dim},
         "seconds": timings, "total_seconds": sum(timings.values()), "settings": to_dict(settings),
     }
@@ -140,8 +143,8 @@ def _index(out: Path, summary: dict[str, Any], explained: dict[str, Any], audit:
         html.table(["", "value"], [["test accuracy", s["test_accuracy"]],
                                    [f"flipped labels found in the top 10% ({s['audit_rank_by']})", s["audit_recall_at_10pct"]],
                                    ["audit ROC AUC", s["audit_roc_auc"]],
-                                   [f"pointing accuracy ({s['saliency_best_pointing']['method']})", s["saliency_best_pointing"]["pointing"]],
-                                   [f"mean box IoU ({s['saliency_best_pointing']['method']})", s["saliency_best_pointing"]["box_iou"]]]),
+                                   [f"pointing ↑ (best saliency method: {s['saliency_best']['method']})", s["saliency_best"]["pointing"]],
+                                   [f"mean box IoU ↑ ({s['saliency_best']['method']})", s["saliency_best"]["box_iou"]]]),
         "<h2>1. Training</h2>", html.img("training.png", "training curve", "figure"),
         "<h2>2. Which training images made the model predict this?</h2>",
         "<p class='muted'>For each test image: the training images whose up-weighting would most lower (helpful, green) "
@@ -161,7 +164,8 @@ def _index(out: Path, summary: dict[str, Any], explained: dict[str, Any], audit:
     parts.append("</div><p>" + html.link("audit/index.html", "the full audit") + " (red frames: planted flips)</p>")
     parts.append("<h2>4. Which pixels matter?</h2>" + html.img("saliency/saliency_grid.png", "saliency maps", "figure"))
     res = sal["evaluation"]["results"]
-    cols = ["pointing", "box_iou", "deletion_auc", "insertion_auc"]
-    parts.append(html.table(["method", *cols], [[m, *[r.get(c, "") for c in cols]] for m, r in res.items()]))
+    parts.append(f"<p class='muted'>↑ higher is better, ↓ lower is better; {html.esc(sal['evaluation']['best_rule'])}.</p>")
+    parts.append(html.table(["method", *[label for _, label in METRICS.values()]],
+                            [[m, *[r.get(c, "") for c in METRICS]] for m, r in res.items()]))
     parts.append("<h2>Time per stage</h2>" + html.table(["stage", "seconds"], [[k, v] for k, v in s["seconds"].items()]))
     html.write_page(out / "index.html", "trainfluence demo", "\n".join(parts))

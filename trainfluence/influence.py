@@ -24,6 +24,7 @@ Return types: scores (one number per pair or example) are numpy arrays; vectors 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,22 @@ class InfluenceTopK:
     helpful_score: np.ndarray  # [m, k] I_up,loss, ascending
     harmful_index: np.ndarray  # [m, k]
     harmful_score: np.ndarray  # [m, k] I_up,loss, descending
+
+
+def resolve_solver(name: str, fm: FunctionalModel) -> str:
+    """``auto`` → ``lissa`` when the selected parameters belong to one Linear or Conv2d layer, else ``ekfac``.
+
+    Why (BENCHMARKS.md, LDS): with one layer, EK-FAC captures most of the curvature (κ(P⁻¹H) ≈ 80 on MNIST logistic
+    regression) and the EK-FAC-preconditioned LiSSA reaches its tolerance in tens of steps, matching the exact solve
+    (LDS 0.913 = 0.913); across layers the curvature between them, which EK-FAC drops, leaves κ(P⁻¹H) ≈ 1,500 (the
+    MNIST MLP), so LiSSA or CG would need hundreds of full-data products, while EK-FAC itself scores the best LDS
+    measured there."""
+    if name != "auto":
+        return name
+    from .kfac import KroneckerCurvature
+
+    kc = KroneckerCurvature(fm, Objective())
+    return "lissa" if len(kc.layers) == 1 and not kc.diagonal else "ekfac"
 
 
 def _merge(cls: type, given: Any, options: dict[str, Any]) -> Any:
@@ -114,7 +131,7 @@ class InfluenceEngine:
         self.source: ExampleSource = as_source(train_dataset)
         self.fm = FunctionalModel(model, self.store_settings.params, device=self.device)
         self.computer = GradientComputer(self.fm, self.objective, self.store_settings.memory_budget)
-        self.solver = make_solver(self.settings.solver, solver_settings)
+        self.solver = make_solver(resolve_solver(self.settings.solver, self.fm), solver_settings)
         self._damping = None if self.settings.damping == "auto" else float(self.settings.damping)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.store: GradientStore | None = None
@@ -169,6 +186,27 @@ class InfluenceEngine:
                 "weight_decay": self.objective.weight_decay, "objective": self.objective.name, "params": self.fm.names,
                 "hessian_samples": self.settings.hessian_samples,
                 "hessian_batch_size": self.settings.hessian_batch_size}
+
+    def plan(self) -> str:
+        """One line: what this engine will do at its settings, and the gradient pass's cost estimated from a timed
+        pilot batch (printed by the CLI before any long work starts)."""
+        n, p = self.n, self.fm.dim
+        pilot = np.arange(min(32, n))
+        self.gradients(self.source.tensors(pilot[:4]))  # warm up (vmap's first call is slower)
+        start = time.perf_counter()
+        self.gradients(self.source.tensors(pilot))
+        per_example = (time.perf_counter() - start) / len(pilot)
+        k = self.store_settings.projection_dim
+        dim, bytes_per = (min(k, p), 2 if self.store_settings.resolved_dtype == "fp16" else 4) if k else \
+            (p, 2 if self.store_settings.resolved_dtype == "fp16" else 4)
+        chosen = self.solver.name + (" (auto)" if self.settings.solver == "auto" else "")
+        damping = "auto" if self.settings.damping == "auto" else f"{self.settings.damping:g}"
+        passes = {"ekfac": 2, "kfac": 1}.get(self.solver.name, 0)
+        return (f"influence: solver {chosen}, curvature {self.settings.curvature}, damping {damping}, parameters "
+                f"{self.store_settings.params} ({p:,}); gradient store {n:,} × {dim:,} "
+                f"({n * dim * bytes_per / 2**20:,.0f} MiB); a gradient pass over the training set ≈ {per_example * n:.0f} s"
+                + (f", the solver's factors ≈ {passes} such passes" if passes else "")
+                + " (a store already built is reused)")
 
     def build_cache(self, *, shard: tuple[int, int] = (0, 1)) -> GradientStore:
         """Compute (or reuse) the per-example gradient store of the training set."""
@@ -242,7 +280,7 @@ class InfluenceEngine:
 
     def _query_vectors(self, s: torch.Tensor) -> np.ndarray:
         """s_test in the store's space (projected with the store's projection when there is one)."""
-        projector = self._require_store().projector(self.fm.sizes, self.device)
+        projector = self._require_store().projector(self.fm, self.objective)
         q = projector.project(s) if projector is not None else s
         return q.float().cpu().numpy()
 
@@ -297,19 +335,24 @@ class InfluenceEngine:
         with torch.no_grad():
             return require_finite(-vmap(one)(x, y), "pixel influence", FIX_SOLVE)
 
-    def self_influence(self, indices: Any = None, *, labels: torch.Tensor | None = None, chunk: int = 256) -> np.ndarray:
+    def self_influence(self, indices: Any = None, *, labels: torch.Tensor | None = None, chunk: int = 1024) -> np.ndarray:
         """∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) for every training example (or the given ones; ``labels`` replaces their labels).
 
-        ``exact`` and ``arnoldi`` whiten each gradient with the cached eigendecomposition (cheap for all n);
-        ``lissa`` and ``cg`` solve one system per example (batched, but slow for large n)."""
+        When the gradient store holds full gradients (no projection) the gradients are read from it in one pass
+        over the store, not computed again.  ``exact``, ``arnoldi``, ``ekfac`` and ``kfac`` whiten each gradient
+        (cheap for all n); ``lissa`` and ``cg`` solve one system per example (batched, but slow for large n)."""
         rows = np.arange(self.n) if indices is None else np.atleast_1d(np.asarray(indices))
+        stored = labels is None and self.store is not None and self.store.projection is None and self.store.complete
         out = np.empty(len(rows), dtype=np.float64)
         for start in bar(range(0, len(rows), chunk), desc=f"self-influence ({self.solver.name})", unit="chunk"):
             sel = rows[start : start + chunk]
-            x, y = self.source.tensors(sel)
-            if labels is not None:
-                y = labels[start : start + len(sel)].to(y)
-            G = self.gradients((x, y)).to(self.device)
+            if stored:
+                G = torch.from_numpy(self.store.read(np.sort(sel))[np.argsort(np.argsort(sel))]).to(self.device, self.fm.dtype)
+            else:
+                x, y = self.source.tensors(sel)
+                if labels is not None:
+                    y = labels[start : start + len(sel)].to(y)
+                G = self.gradients((x, y)).to(self.device)
             out[start : start + len(sel)] = self.solver.quadratic_form(self.operator, G).cpu().numpy()
             self._record(self.solver.report)
         return require_finite(out, "self-influence scores", FIX_SOLVE)

@@ -35,7 +35,7 @@ import torch
 
 from .errors import UserError
 
-KINDS = ("countsketch", "gaussian")
+KINDS = ("countsketch", "gaussian", "kronecker")  # kronecker: trainfluence.factored
 ALLOCATIONS = ("energy", "uniform")
 _DENSE_CACHE_LIMIT = 1 << 30  # bytes of dense Gaussian blocks kept in memory
 

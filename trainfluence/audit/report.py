@@ -91,8 +91,9 @@ def write_html(out: Path, report: dict[str, Any], train: ImageDataset, suspects:
         flip = " flip" if s.get("is_flipped") else ""
         note = " <span class='bad'>planted flip</span>" if s.get("is_flipped") else ""
         si = f"<br>self-influence: {esc(s['self_influence_label'])}" if s.get("self_influence_label") else ""
+        where = f"<br><span class='muted' title='{esc(s['path'])}'>{esc(Path(s['path']).name)}</span>" if "path" in s else ""
         parts.append(f"<div class='card{flip}'>{html.img(thumb(out, train, s['index']), 'training image ' + str(s['index']))}"
-                     f"<br>#{esc(s['rank'])} · image {esc(s['index'])}{note}<br>{esc(s['given_label'])} → "
+                     f"<br>#{esc(s['rank'])} · image {esc(s['index'])}{note}{where}<br>{esc(s['given_label'])} → "
                      f"<b>{esc(s['suggested_label'])}</b> ({s['suggested_probability']:.2f}){si}"
                      f"<br><span class='muted'>{esc(rank_by)} {s['score']:.3g}</span></div>")
     parts.append("</div>")
@@ -102,7 +103,9 @@ def write_html(out: Path, report: dict[str, Any], train: ImageDataset, suspects:
             parts.append(f"<h3>Image {esc(i)} labelled {esc(train.classes[int(train.labels[i])])}</h3>")
             for kind in ("helpful", "harmful"):
                 cells = "".join(f"<div class='card small'>{html.img(thumb(out, train, e['index']), 'training image ' + str(e['index']))}"
-                                f"<br>{esc(e['index'])}: {esc(e['label_name'])}<br>{e['score']:.3g}</div>" for e in rel[kind])
+                                f"<br>{esc(e['index'])}: {esc(e['label_name'])}"
+                                + (f"<br><span class='muted'>{esc(Path(e['path']).name)}</span>" if "path" in e else "")
+                                + f"<br>{e['score']:.3g}</div>" for e in rel[kind])
                 parts.append(f"<div class='row'><b style='width:70px'>{esc(kind)}</b>{cells}</div>")
     if plot_files:
         parts.append("<h2>Detection curves</h2>" + "".join(html.img(p, p, "figure") for p in plot_files))

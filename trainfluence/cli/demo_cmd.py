@@ -29,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
     print("\ntrainfluence demo — summary")
     print(f"  test accuracy                       {s['test_accuracy']:.4f}")
     print(f"  audit: flipped labels in top 10%    {s['audit_recall_at_10pct']:.3f} (ranked by {s['audit_rank_by']}; ROC AUC {s['audit_roc_auc']:.4f})")
-    b = s["saliency_best_pointing"]
-    print(f"  saliency: pointing accuracy         {b['pointing']:.3f} ({b['method']}; mean box IoU {b['box_iou']:.3f})")
+    b = s["saliency_best"]
+    print(f"  saliency: best method {b['method']}: pointing accuracy {b['pointing']:.3f}, mean box IoU {b['box_iou']:.3f}, "
+          f"deletion AUC {b['deletion_auc']:.3f}, insertion AUC {b['insertion_auc']:.3f}")
     print("  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()) + f"; total {s['total_seconds']:.1f} s")
     print(f"  report: {out / 'index.html'}")
     return 0

@@ -78,7 +78,11 @@ def panel_grid(rows: list[list[Panel]], path: str | Path, *, title: str | None =
                cell: float = 1.35) -> Path:
     """Save a grid of panels (rows may differ in length) as a PNG."""
     ncols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(cell * ncols + 0.6, cell * len(rows) + 0.5), squeeze=False)
+    # room above every row for its captions (two lines at 7 pt), so a caption never covers the image above it
+    lines = [max((p.title.count("\n") + 1 if p.title else 0) for p in r) for r in rows]
+    height = sum(cell + 0.14 * n for n in lines) + (0.35 if title else 0.1) * (title.count("\n") + 1 if title else 1)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(cell * ncols + 0.6, height), squeeze=False,
+                             gridspec_kw={"height_ratios": [cell + 0.14 * n for n in lines]})
     for r, row in enumerate(rows):
         for c in range(ncols):
             _draw(axes[r][c], row[c] if c < len(row) else Panel(None))

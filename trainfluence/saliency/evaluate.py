@@ -30,6 +30,24 @@ from .integrated import gaussian_blur
 from .postprocess import box_from_map, box_iou, importance, pointing_hit
 
 RANDOM = "random map"
+#: every metric, its direction and its label (with ↑ / ↓) — one place for tables and the choice of the best method
+METRICS = {"pointing": ("higher", "pointing ↑"), "box_iou": ("higher", "box IoU ↑"),
+           "deletion_auc": ("lower", "deletion AUC ↓"), "insertion_auc": ("higher", "insertion AUC ↑")}
+BEST_RULE = ("best = the lowest mean rank over the metrics measured (pointing, box IoU, deletion AUC, insertion AUC; "
+             "only the faithfulness pair when there are no ground-truth boxes), ties broken by insertion AUC")
+
+
+def best_method(results: dict[str, dict[str, float]]) -> str:
+    """The method (not the random map) with the lowest mean rank over the measured metrics (:data:`BEST_RULE`)."""
+    names = [m for m in results if m != RANDOM]
+    metrics = [k for k in METRICS if all(k in results[m] for m in names)]
+    ranks = {m: 0.0 for m in names}
+    for k in metrics:
+        sign = -1 if METRICS[k][0] == "higher" else 1
+        order = sorted(names, key=lambda m: sign * results[m][k])
+        for position, m in enumerate(order):
+            ranks[m] += position / len(metrics)
+    return min(names, key=lambda m: (ranks[m], -results[m]["insertion_auc"]))
 
 
 @torch.no_grad()

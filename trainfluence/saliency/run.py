@@ -17,7 +17,7 @@ from ..report.figures import Panel, panel_grid, to_display
 from ..files import write_json
 from . import attribute_full
 from .base import evaluating
-from .evaluate import evaluate_methods, randomization_check
+from .evaluate import BEST_RULE, METRICS, best_method, evaluate_methods, randomization_check
 from .postprocess import box_from_map, box_iou, importance, pointing_hit, topk_mask
 from .targets import ClassTarget, Target
 
@@ -89,7 +89,8 @@ def run_saliency(model: nn.Module, data: ImageDataset, indices: list[int], metho
         n = min(eval_size, len(data))
         xe, _ = data.tensors(np.arange(n))
         boxes = data.boxes[:n] if data.boxes is not None else None
-        report["evaluation"] = {"images": n, "results": evaluate_methods(model, xe, boxes, methods, settings)}
+        results = evaluate_methods(model, xe, boxes, methods, settings)
+        report["evaluation"] = {"images": n, "results": results, "best": best_method(results), "best_rule": BEST_RULE}
         report["randomization"] = randomization_check(model, xe[: min(randomization_images, n)], methods, settings)
     write_json(out / "saliency.json", report)
     _html(report, out)
@@ -109,7 +110,8 @@ def _pictures(data: ImageDataset, indices: list[int], x: torch.Tensor, maps: dic
         dim = img * 0.25
         mask_rows.append([head] + [Panel(np.where(masks[m][row].numpy()[..., None] if img.ndim == 3 else masks[m][row].numpy(),
                                                   img, dim), f"{m}\ntop {report['topk_pixels']}", box=gt) for m in maps])
-    panel_grid(rows, out / "saliency_grid.png", title="importance (red) · green: ground-truth box · yellow: box from the map")
+    legend = "importance (red) · yellow: box from the map" + (" · green: ground-truth box" if data.boxes is not None else "")
+    panel_grid(rows, out / "saliency_grid.png", title=legend)
     panel_grid(mask_rows, out / "topk_masks.png", title=f"the {report['topk_pixels']} most important pixels of each map")
 
 
@@ -120,12 +122,15 @@ def _html(report: dict[str, Any], out: Path) -> None:
              html.img("saliency_grid.png", "saliency maps side by side", "figure"),
              html.img("topk_masks.png", "top-k pixel masks", "figure")]
     if "evaluation" in report:
-        res = report["evaluation"]["results"]
-        cols = ["pointing", "box_iou", "deletion_auc", "insertion_auc", "seconds_per_image"]
-        parts.append(f"<h2>Evaluation on {report['evaluation']['images']} images</h2>"
-                     "<p class='muted'>pointing and IoU against ground-truth boxes (higher is better); deletion AUC "
-                     "(lower is better), insertion AUC (higher is better).</p>")
-        parts.append(html.table(["method", *cols], [[m, *[r.get(c, "") for c in cols]] for m, r in res.items()]))
+        ev = report["evaluation"]
+        res = ev["results"]
+        cols = [k for k in METRICS if any(k in r for r in res.values())]
+        parts.append(f"<h2>Evaluation on {ev['images']} images</h2>"
+                     "<p class='muted'>↑ higher is better, ↓ lower is better. Pointing and box IoU against ground-truth "
+                     "boxes; deletion and insertion AUC of the class probability as the most important pixels are "
+                     f"removed or restored. Best: <b>{html.esc(ev['best'])}</b> ({html.esc(ev['best_rule'])}).</p>")
+        parts.append(html.table(["method", *[METRICS[c][1] for c in cols], "ms per image"],
+                                [[m, *[r.get(c, "") for c in cols], 1e3 * r["seconds_per_image"]] for m, r in res.items()]))
         parts.append("<h2>Cascading parameter randomisation</h2><p class='muted'>Spearman correlation with the "
                      "original map after re-initialising the layers from the top; lower means the map depends on the "
                      "learned parameters.</p>")

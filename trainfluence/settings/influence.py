@@ -16,14 +16,16 @@ from . import NONNEG, NONNEG_INT, POSITIVE_INT, Range, option
 class StoreSettings:
     """What the gradient store holds.  Every field but ``memory_budget_mb`` is part of its key."""
 
-    params: str = option("last", "parameters differentiated: all | last (the classifier layer) | comma-separated "
+    params: str = option("all", "parameters differentiated: all | last (the classifier layer) | comma-separated "
                          "module or parameter names")
     projection_dim: int | None = option(None, "random projection of every gradient to K dimensions (default: none, "
                                         "full gradients)", Range(low=1, integer=True, none=True),
                                         aliases=("project-dim",))
     projection_seed: int = option(0, "projection seed", NONNEG_INT, aliases=("project-seed",))
-    projection: str = option("countsketch", "countsketch: O(p) sparse sign sketch | gaussian: dense, for comparison",
-                             choices=("countsketch", "gaussian"))
+    projection: str = option("countsketch", "countsketch: O(p) sparse sign sketch of each per-example gradient | "
+                             "kronecker: P_out ⊗ P_in per Linear/Conv2d layer, computed from one batched forward and "
+                             "backward without forming the gradients (LoGra; faster, noisier: BENCHMARKS.md) | "
+                             "gaussian: dense, for comparison", choices=("countsketch", "kronecker", "gaussian"))
     projection_allocation: str = option("energy", "energy: output dims per parameter block ∝ its gradient energy, "
                                         "small blocks kept exact | uniform: one sketch of the whole vector",
                                         choices=("energy", "uniform"))
@@ -117,11 +119,13 @@ SOLVER_SETTINGS: dict[str, type] = {"exact": ExactSettings, "lissa": LissaSettin
 class InfluenceSettings:
     """The influence engine: which solver, which curvature, how much damping."""
 
-    solver: str = option("exact", "inverse-HVP solver: " + " | ".join(SOLVER_SETTINGS), choices=tuple(SOLVER_SETTINGS))
+    solver: str = option("auto", "inverse-HVP solver: auto (lissa when the selected parameters are one layer, ekfac "
+                         "when they span several — see BENCHMARKS.md) | " + " | ".join(SOLVER_SETTINGS),
+                         choices=("auto", *SOLVER_SETTINGS))
     curvature: str = option("ggn", "ggn: the Gauss–Newton matrix JᵀH_fJ (positive semi-definite; what K-FAC/EK-FAC "
                             "approximate) | hessian: the exact Hessian (indefinite on a deep net: damping must exceed "
                             "its most negative eigenvalue)", choices=CURVATURES)
-    damping: float | str = option(0.01, "λ in H = C + (wd + λ)I, C the curvature; auto = "
+    damping: float | str = option("auto", "λ in H = C + (wd + λ)I, C the curvature; auto = "
                                   f"{DAMPING_AUTO_FRACTION:g} × the mean eigenvalue of the Gauss–Newton matrix "
                                   "(its trace / p, measured), recorded with the results",
                                   Range(low=0, high=1e8, words=("auto",)))

@@ -13,8 +13,9 @@ way and 0.64 with the complement; exact is 0.91 (BENCHMARKS.md).
 ``rank="auto"`` (default) doubles r from 64 until μ_r ≤ 2(wd + λ) — every direction not kept then has an
 eigenvalue within a factor 2 of c — or ``max_rank`` is reached, or the rank whose Lanczos basis (2r vectors of p
 float64 numbers) would pass 1 GiB.  Once the eigenpairs are known, every further
-right-hand side — and every self-influence — costs one small matrix product.  With r ≥ p − 1 (ARPACK needs r < p)
-a dense eigendecomposition is used instead, which makes the result exact.
+right-hand side — and every self-influence — costs one small matrix product.  With r ≥ p/4 (when the dense H
+fits in half the memory available) or r ≥ p − 1 (ARPACK needs r < p) a dense eigendecomposition is used instead:
+ARPACK with that many vectors is slower than ``eigh``, and the dense route is exact.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from ..hvp import HessianOperator
 from ..settings.influence import ArnoldiSettings
 from .base import EigenSolver, SolveReport
+from .exact import BYTES_PER_ENTRY, available_memory
 
 FIRST_AUTO_RANK = 64
 BASIS_BYTES = 1 << 30  # ARPACK keeps about 2r Lanczos vectors of p float64 numbers
@@ -39,10 +41,11 @@ class ArnoldiSolver(EigenSolver):
         self.hvp_calls = 0
 
     def _top(self, op: HessianOperator, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if r >= op.dim - 1:
+        dense_fits = BYTES_PER_ENTRY * op.dim**2 <= 0.5 * available_memory()
+        if r >= op.dim - 1 or (r >= op.dim // 4 and dense_fits):  # ARPACK with k ~ p/4 is slower than eigh
             evals, evecs = torch.linalg.eigh(op.dense())
             self.hvp_calls += op.dim
-            return evals.flip(0), evecs.flip(1)
+            return evals.flip(0)[:r], evecs.flip(1)[:, :r]
 
         def matvec(v: np.ndarray) -> np.ndarray:
             self.hvp_calls += 1

@@ -31,6 +31,7 @@ from ..settings.influence import StoreSettings
 from .format import CorruptStore, GradientStore, open_store, store_key, store_root, wipe
 
 PILOT_EXAMPLES = 256
+FACTORED_BATCH = 128  # examples per batched forward/backward of the factored (kronecker) path
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -59,20 +60,25 @@ def key_for(model: nn.Module, source: ExampleSource, objective: Objective, names
                      dtype=settings.resolved_dtype, chunk_size=settings.chunk_size)
 
 
-def projection_layout(spec: ProjectionSpec, fm: FunctionalModel, computer: GradientComputer,
-                      source: ExampleSource) -> list[int] | None:
-    """Per-block output dimensions of the projection (None for the ``uniform`` global sketch).
-
-    ``energy``: block energies E‖g_b‖² from the gradients of the first ``PILOT_EXAMPLES`` training examples."""
-    if spec.allocation == "uniform":
-        return None
+def block_energies(fm: FunctionalModel, computer: GradientComputer, source: ExampleSource) -> dict[str, float]:
+    """E‖g_b‖² per parameter block, from the gradients of the first ``PILOT_EXAMPLES`` training examples."""
     x, y = source.tensors(slice(0, min(len(source), PILOT_EXAMPLES)))
     energy = torch.zeros(len(fm.names), dtype=torch.float64)
     with torch.no_grad():
         for eg in computer.batches(x, y):
             energy += torch.stack([eg.grads[n].double().flatten(1).pow(2).sum() for n in fm.names]).cpu()
     require_finite(energy, "the gradients of the first training examples", FIX_MODEL)
-    return allocate(spec.dim, fm.sizes, (energy / len(y)).tolist())
+    return dict(zip(fm.names, (energy / len(y)).tolist()))
+
+
+def projection_layout(spec: ProjectionSpec, fm: FunctionalModel, computer: GradientComputer,
+                      source: ExampleSource) -> list[int] | None:
+    """Per-block output dimensions of the projection (None for the ``uniform`` global sketch); ``energy``
+    allocation: k_b ∝ E‖g_b‖² (:func:`block_energies`)."""
+    if spec.allocation == "uniform":
+        return None
+    energies = block_energies(fm, computer, source)
+    return allocate(spec.dim, fm.sizes, [energies[n] for n in fm.names])
 
 
 @contextlib.contextmanager
@@ -141,7 +147,8 @@ def build_store(
             wipe(root)
             store = _open(model, source, fm, objective, settings, key, cache_dir)
         computer = GradientComputer(fm, objective, settings.memory_budget, batch_size=store.manifest["vmap_batch"])
-        projector = store.projector(fm.sizes, fm.device)
+        projector = store.projector(fm, objective)
+        factored = store.projection is not None and store.projection.kind == "kronecker"
         todo = [c for c in store.shard_chunks(shard) if not store.chunk_done(c, verify=True)]
         rebuilt = sum(1 for c in todo if store.record_path(c).is_file())
         started = time.perf_counter()
@@ -154,13 +161,21 @@ def build_store(
             start, stop = store.chunk_rows(c)
             x, y = source.tensors(slice(start, stop))
             parts, losses, preds = [], [], []
-            with torch.no_grad():
-                for eg in computer.batches(x, y):
-                    blocks = [eg.grads[name] for name in fm.names]
-                    flat = projector.project_blocks(blocks) if projector else fm.flatten(eg.grads)
-                    parts.append(flat.float().cpu())
-                    losses.append(eg.loss.cpu())
-                    preds.append(eg.pred.cpu())
+            if factored:  # one batched forward/backward per batch, gradients never formed
+                step = max(1, store.manifest["vmap_batch"])
+                for i in range(0, len(y), step):
+                    flat, loss, logits = projector.per_example(x[i : i + step], y[i : i + step])
+                    parts.append(flat.cpu())
+                    losses.append(loss.cpu())
+                    preds.append(logits.argmax(1).cpu())
+            else:
+                with torch.no_grad():
+                    for eg in computer.batches(x, y):
+                        blocks = [eg.grads[name] for name in fm.names]
+                        flat = projector.project_blocks(blocks) if projector else fm.flatten(eg.grads)
+                        parts.append(flat.float().cpu())
+                        losses.append(eg.loss.cpu())
+                        preds.append(eg.pred.cpu())
             grads, loss = torch.cat(parts), torch.cat(losses)
             where = f"the per-example gradients of {split} examples {start}..{stop - 1}"
             require_finite(loss, where.replace("gradients", "losses"), FIX_MODEL)
@@ -178,14 +193,22 @@ def _open(model: nn.Module, source: ExampleSource, fm: FunctionalModel, objectiv
     manifest_path = store_root(cache_dir, key) / "manifest.json"
     if manifest_path.is_file():  # resume with the layout and batching the store was started with
         existing = GradientStore(manifest_path.parent)
-        return open_store(cache_dir, key, existing.manifest["settings"], existing.dim, existing.manifest["vmap_batch"],
-                          existing.manifest.get("block_dims"))
+        m = existing.manifest
+        return open_store(cache_dir, key, m["settings"], existing.dim, m["vmap_batch"], m.get("block_dims"),
+                          m.get("factored_layout"))
     computer = GradientComputer(fm, objective, settings.memory_budget)
     spec = projection_spec(settings)
+    x0, _ = source.tensors([0])
+    batch = computer.batch_size(x0[0].to(fm.device))
+    if spec is not None and spec.kind == "kronecker":
+        from ..factored import FactoredProjector, factored_layout
+
+        layout = factored_layout(fm, spec.dim, block_energies(fm, computer, source))
+        dim = FactoredProjector(fm, objective, layout, spec.seed).dim
+        return open_store(cache_dir, key, to_dict(settings), dim, FACTORED_BATCH, None, layout)
     block_dims = projection_layout(spec, fm, computer, source) if spec else None
     dim = (sum(block_dims) if block_dims else spec.dim) if spec else fm.dim
-    x0, _ = source.tensors([0])
-    return open_store(cache_dir, key, to_dict(settings), dim, computer.batch_size(x0[0].to(fm.device)), block_dims)
+    return open_store(cache_dir, key, to_dict(settings), dim, batch, block_dims)
 
 
 __all__ = ["BuildReport", "build_store", "build_lock", "key_for", "parse_shard", "projection_layout", "projection_spec"]

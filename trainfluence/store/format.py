@@ -110,10 +110,19 @@ class GradientStore:
     def param_names(self) -> list[str]:
         return self.key["params"]
 
-    def projector(self, sizes: list[int], device: Any = "cpu") -> Projector | None:
-        """The projection the store was built with (None for full gradients), for projecting other vectors."""
+    def projector(self, fm: Any, objective: Any = None) -> Any:
+        """The projection the store was built with, for projecting other vectors (s_test) into its space: a
+        :class:`~trainfluence.projection.Projector` or a :class:`~trainfluence.factored.FactoredProjector` (for
+        ``kronecker``), built for ``fm``'s selected parameters; None for full gradients."""
         spec = self.projection
-        return Projector(spec, sizes, device, self.manifest.get("block_dims")) if spec else None
+        if spec is None:
+            return None
+        if spec.kind == "kronecker":
+            from ..factored import FactoredProjector
+            from ..objective import Objective
+
+            return FactoredProjector(fm, objective or Objective(), self.manifest["factored_layout"], spec.seed)
+        return Projector(spec, fm.sizes, fm.device, self.manifest.get("block_dims"))
 
     # ---- completion records -------------------------------------------------------------------------------
     def record_path(self, c: int) -> Path:
@@ -215,14 +224,15 @@ def wipe(root: Path) -> None:
 
 
 def open_store(cache_dir: str | Path, key: dict[str, Any], settings: dict[str, Any], dim: int, vmap_batch: int,
-               block_dims: list[int] | None = None) -> GradientStore:
+               block_dims: list[int] | None = None, factored_layout: dict[str, list[int]] | None = None) -> GradientStore:
     """Open the store for ``key``, creating its manifest and arrays if needed (safe under concurrent shards).
     Arrays are allocated in full on creation; if the disk is full, what this call created is removed."""
     root = store_root(cache_dir, key)
     (root / "chunks").mkdir(parents=True, exist_ok=True)
     n = key["n"]
     manifest = {"key": key, "settings": settings, "n": n, "dim": dim, "vmap_batch": vmap_batch,
-                "block_dims": block_dims, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "block_dims": block_dims, "factored_layout": factored_layout,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     manifest["checksum"] = _manifest_checksum(manifest)
     _create_exclusive(root / "manifest.json", lambda tmp: write_json(tmp, manifest))
     store = GradientStore(root)

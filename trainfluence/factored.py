@@ -1,0 +1,235 @@
+"""Factored projection of per-example gradients (LoGra, Choe et al. 2024, "What is your data worth to GPT?").
+
+For a Linear or Conv2d layer the per-example gradient of its weight (with a selected bias as one more input
+column fed by 1) is Gᵢ = Σₜ δₜ aₜᵀ: aₜ the layer's input at position t (unfolded patches for a convolution), δₜ
+the gradient at its output.  Projecting it with a Kronecker-structured matrix P_out ⊗ P_in gives
+
+    (P_out ⊗ P_in) vec(Gᵢ) = vec(Σₜ (P_out δₜ)(P_in aₜ)ᵀ),
+
+which needs only the layer's inputs and output gradients — both available from one batched forward and backward
+pass of Σᵢ ℓᵢ (examples are independent in eval mode) — at O(T·(d_in·k_in + d_out·k_out + k_in·k_out)) per example
+instead of forming the d_out × d_in gradient.  P_out [k_out, d_out] and P_in [k_in, d_in] have N(0, 1/k) entries,
+so E⟨Pa, Pb⟩ = ⟨a, b⟩.  Its variance is larger than a CountSketch into the same k_out·k_in coordinates: for
+gradient matrices A and B,
+
+    Var⟨Pa, Pb⟩ ≤ (2/k_out + 2/k_in + 4/(k_out k_in)) ‖A‖²_F ‖B‖²_F
+
+(condition on P_in: a Gaussian sketch of A P_inᵀ, B P_inᵀ; then the variance of ⟨A P_inᵀ, B P_inᵀ⟩ itself), against
+2/(k_out k_in) for CountSketch — the price of never forming the gradient.  A side that keeps all its coordinates
+(k = d) is copied, not sketched, and drops its terms from the bound.  Parameters of other layers
+(BatchNorm, …) are handled per layer by the per-example ``vmap`` path and a CountSketch of their block.
+
+The output coordinates are laid out block by block in the order of the selected parameters: a Kronecker layer's
+k_out·k_in coordinates where its weight comes (its bias has none of its own), every other parameter's where it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, vmap
+
+from .objective import FunctionalModel, Objective
+from .projection import _block_generator
+
+
+@dataclass
+class FactoredLayer:
+    module: str
+    weight: str
+    bias: str | None
+    conv: dict | None  # unfold arguments for a convolution
+    d_out: int
+    d_in: int  # including the bias column
+    k_out: int
+    k_in: int
+
+    @property
+    def dim(self) -> int:
+        return self.k_out * self.k_in
+
+
+def factored_layers(fm: FunctionalModel) -> list[FactoredLayer]:
+    """The selected parameters' Linear and Conv2d layers (k_out, k_in not yet chosen: 0)."""
+    chosen, out = set(fm.names), []
+    for name, module in fm.module.named_modules():
+        weight, bias = (f"{name}.weight", f"{name}.bias") if name else ("weight", "bias")
+        if weight not in chosen:
+            continue
+        if isinstance(module, nn.Linear):
+            conv = None
+        elif isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+                and not isinstance(module.padding, str):
+            conv = {"kernel_size": module.kernel_size, "dilation": module.dilation, "padding": module.padding,
+                    "stride": module.stride}
+        else:
+            continue
+        w = fm.params[weight]
+        has_bias = bias in chosen
+        out.append(FactoredLayer(name, weight, bias if has_bias else None, conv, w.shape[0],
+                                 w[0].numel() + int(has_bias), 0, 0))
+    return out
+
+
+def split_dims(k: int, d_out: int, d_in: int) -> tuple[int, int]:
+    """k_out · k_in ≤ k with k_out ≤ d_out, k_in ≤ d_in, the two as balanced as the shapes allow (the variance bound
+    2/k_out + 2/k_in is smallest when they are equal)."""
+    k_out = int(min(d_out, max(1, round(np.sqrt(k)))))
+    k_in = int(min(d_in, max(1, k // k_out)))
+    k_out = int(min(d_out, max(1, k // k_in)))
+    return k_out, k_in
+
+
+class FactoredProjector:
+    """The projection P of every selected parameter block: P_out ⊗ P_in for the Kronecker layers, CountSketch (or
+    a copy, when a block keeps all its coordinates) for the rest.  ``layout`` maps a Kronecker layer's module to
+    (k_out, k_in) and any other parameter to its number of output coordinates."""
+
+    def __init__(self, fm: FunctionalModel, objective: Objective, layout: dict[str, list[int]], seed: int = 0):
+        self.fm, self.objective, self.seed = fm, objective, seed
+        self.layers = [layer for layer in factored_layers(fm) if layer.module in layout]
+        for layer in self.layers:
+            layer.k_out, layer.k_in = layout[layer.module]
+        covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
+        self.others = [n for n in fm.names if n not in covered]
+        self.other_dims = {n: int(layout[n][0]) for n in self.others}
+        device = fm.device
+        self.P_out, self.P_in, self.buckets, self.signs = {}, {}, {}, {}
+        for b, layer in enumerate(self.layers):  # a side that keeps all its coordinates is copied, not sketched
+            g = _block_generator(seed, 10_000 + b)
+            self.P_out[layer.module] = (torch.eye(layer.d_out) if layer.k_out == layer.d_out else
+                                        torch.randn(layer.k_out, layer.d_out, generator=g) / layer.k_out**0.5).to(device)
+            self.P_in[layer.module] = (torch.eye(layer.d_in) if layer.k_in == layer.d_in else
+                                       torch.randn(layer.k_in, layer.d_in, generator=g) / layer.k_in**0.5).to(device)
+        for b, n in enumerate(self.others):
+            size, width = self.fm.params[n].numel(), self.other_dims[n]
+            if width < size:
+                g = _block_generator(seed, 20_000 + b)
+                self.buckets[n] = torch.randint(0, width, (size,), generator=g).to(device)
+                self.signs[n] = (torch.randint(0, 2, (size,), generator=g) * 2 - 1).float().to(device)
+        # output layout, in the order of the selected parameters
+        self.slots: list[tuple[str, str, int]] = []  # (kind, name, width)
+        first = {layer.weight: layer for layer in self.layers}
+        for n in fm.names:
+            if n in first:
+                self.slots.append(("layer", first[n].module, first[n].dim))
+            elif n in self.other_dims:
+                self.slots.append(("other", n, self.other_dims[n]))
+        self.dim = sum(width for _, _, width in self.slots)
+        self._per_example_others = None
+        if self.others:
+            fixed = {n: p for n, p in fm.params.items() if n not in self.others}
+
+            def loss(own, xi, yi):
+                out = objective.outputs(lambda inp: fm({**fixed, **own}, inp), xi.unsqueeze(0))
+                return objective.loss(out, yi.unsqueeze(0)).squeeze(0)
+
+            self._per_example_others = vmap(grad(loss), in_dims=(None, 0, 0))
+
+    @staticmethod
+    def variance_factor(layer: FactoredLayer) -> float:
+        """c with Var⟨Pa, Pb⟩ ≤ c ‖A‖²‖B‖² for the layer (a side copied exactly adds nothing)."""
+        out = 2 / layer.k_out if layer.k_out < layer.d_out else 0.0
+        inp = 2 / layer.k_in if layer.k_in < layer.d_in else 0.0
+        return out + inp + out * inp
+
+    # ---- projecting vectors given in parameter space (s_test, tests) ---------------------------------------------
+    def _sketch_other(self, n: str, block: torch.Tensor) -> torch.Tensor:
+        """[m, size] → [m, width] (a copy when the block keeps all its coordinates)."""
+        if n not in self.buckets:
+            return block.float()
+        out = torch.zeros(block.shape[0], self.other_dims[n], device=block.device)
+        return out.index_add_(1, self.buckets[n], block.float() * self.signs[n])
+
+    def _layer_matrix(self, layer: FactoredLayer, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        W = parts[layer.weight].reshape(parts[layer.weight].shape[0], layer.d_out, -1)
+        if layer.bias is not None:
+            W = torch.cat([W, parts[layer.bias].unsqueeze(-1)], dim=-1)
+        return W
+
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat vectors [m, p] → [m, k], by the dense Kronecker products P_out W P_inᵀ (the reference for the
+        factored per-example path, and how s_test is projected)."""
+        parts = self.fm.unflatten(flat.to(self.fm.device))
+        pieces = []
+        for kind, name, _width in self.slots:
+            if kind == "layer":
+                layer = next(L for L in self.layers if L.module == name)
+                W = self._layer_matrix(layer, parts).float()
+                pieces.append((self.P_out[name] @ W @ self.P_in[name].T).flatten(1))
+            else:
+                pieces.append(self._sketch_other(name, parts[name].flatten(1)))
+        return torch.cat(pieces, dim=1)
+
+    # ---- the factored per-example path ------------------------------------------------------------------------
+    def per_example(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected per-example gradients [B, k], losses [B] and logits [B, K] from one batched forward and
+        backward pass (plus the per-example path for parameters outside Kronecker layers)."""
+        fm = self.fm
+        x, y = x.to(fm.device), y.to(fm.device)
+        modules = dict(fm.module.named_modules())
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+
+        def hook_for(name: str):
+            def hook(_m, inp, out):
+                inputs[name] = inp[0].detach()
+                outputs[name] = out
+                return out.clone()  # what follows (an in-place ReLU) must not change the recorded output
+            return hook
+
+        handles = [modules[layer.module].register_forward_hook(hook_for(layer.module)) for layer in self.layers]
+        params = {n: p.detach().requires_grad_(n in {L.weight for L in self.layers}) for n, p in fm.params.items()}
+        try:
+            with torch.enable_grad():
+                logits = self.objective.outputs(lambda inp: fm(params, inp), x)
+                losses = self.objective.loss(logits, y)
+                deltas = torch.autograd.grad(losses.sum(), [outputs[layer.module] for layer in self.layers]) \
+                    if self.layers else []
+        finally:
+            for h in handles:
+                h.remove()
+        projected: dict[str, torch.Tensor] = {}
+        for layer, d in zip(self.layers, deltas):
+            inp = inputs[layer.module]
+            if layer.conv is not None:
+                a = F.unfold(inp, **layer.conv).transpose(1, 2)  # [B, T, C·kh·kw]
+                d = d.flatten(2).transpose(1, 2)  # [B, T, out]
+            else:
+                a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
+                d = d.reshape(d.shape[0], -1, d.shape[-1])
+            a_p = a @ self.P_in[layer.module][:, : a.shape[-1]].T  # [B, T, k_in]
+            if layer.bias is not None:  # the bias column is a constant 1: its projection is P_in's last column
+                a_p = a_p + self.P_in[layer.module][:, -1]
+            d_p = d @ self.P_out[layer.module].T  # [B, T, k_out]
+            projected[layer.module] = torch.einsum("bto,bti->boi", d_p, a_p).flatten(1)
+        if self._per_example_others is not None:
+            own = {n: fm.params[n] for n in self.others}
+            with torch.no_grad():
+                per = self._per_example_others(own, x, y)
+            for n in self.others:
+                projected[n] = self._sketch_other(n, per[n].flatten(1))
+        out = torch.cat([projected[name] for _, name, _ in self.slots], dim=1)
+        return out.float(), losses.detach(), logits.detach()
+
+
+def factored_layout(fm: FunctionalModel, k: int, energies: dict[str, float]) -> dict[str, list[int]]:
+    """Output coordinates per Kronecker layer (k_out, k_in) and per other parameter, k shared ∝ gradient energy
+    (each layer's weight and bias energies together), capped at each block's size."""
+    from .projection import allocate
+
+    layers = factored_layers(fm)
+    covered = {n for layer in layers for n in (layer.weight, layer.bias) if n}
+    names = [layer.module for layer in layers] + [n for n in fm.names if n not in covered]
+    sizes = [layer.d_out * layer.d_in for layer in layers] + [fm.params[n].numel() for n in fm.names if n not in covered]
+    energy = [energies.get(layer.weight, 0.0) + (energies.get(layer.bias, 0.0) if layer.bias else 0.0) for layer in layers]
+    energy += [energies.get(n, 0.0) for n in fm.names if n not in covered]
+    dims = allocate(k, sizes, energy)
+    layout: dict[str, list[int]] = {}
+    for name, width, layer in zip(names, dims, layers + [None] * (len(names) - len(layers))):
+        layout[name] = list(split_dims(width, layer.d_out, layer.d_in)) if layer is not None else [int(width)]
+    return layout
