@@ -25,12 +25,12 @@ STAGES = ["data", "train", "gradient store", "explain", "audit", "saliency"]  # 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="time demo --small instead (the test-suite size)")
+    ap.add_argument("--quick", action="store_true", help="time demo --quick instead (the same pipeline on less data)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_demo_"))
     cmd = [sys.executable, "-m", "trainfluence", "demo", "--out", str(work / "demo"), "--cache-dir", str(work / "cache")]
-    if args.small:
-        cmd.append("--small")
+    if args.quick:
+        cmd.append("--quick")
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
@@ -38,7 +38,7 @@ def main() -> None:
     seconds = summary["seconds"]
     best = summary["saliency_best"]
     body = "\n".join([
-        f"### `trainfluence demo{' --small' if args.small else ''}`: time per stage (fresh folders, nothing cached)",
+        f"### `trainfluence demo{' --quick' if args.quick else ''}`: time per stage (fresh folders, nothing cached)",
         "",
         f"Shapes, {summary['settings']['train_size']:,} training images with {summary['settings']['label_noise']:.0%} "
         f"flipped labels, {summary['settings']['epochs']} epochs. **Whole command: {wall:.0f} s wall** (target ≤ 180 s), "
@@ -52,7 +52,7 @@ def main() -> None:
         f"{best['box_iou']:.3f}).",
     ])
     print(body)
-    update_section("demo" + ("_small" if args.small else ""), body)
+    update_section("demo" + ("_quick" if args.quick else ""), body)
 
 
 if __name__ == "__main__":

@@ -172,10 +172,12 @@ def test_internal_influence_on_layers_followed_by_in_place_ops(case):
 
 def test_occlusion_with_captum_spellings(case):
     m, x, t = case["model"], case["x"], case["target"]
-    window = 8 if x.shape[-1] >= 32 else 4
-    theirs = captum_attr.Occlusion(m).attribute(x, sliding_window_shapes=(3, window, window), strides=(3, 4, 4),
-                                                baselines=0, target=t)
-    ours = attribute(m, x, "occlusion", t, sliding_window_shapes=(3, window, window), strides=(3, 4, 4), baselines=0)
+    size = x.shape[-1]
+    window, stride = (16, 8) if size >= 64 else (8, 4) if size >= 32 else (4, 4)
+    theirs = captum_attr.Occlusion(m).attribute(x, sliding_window_shapes=(3, window, window),
+                                                strides=(3, stride, stride), baselines=0, target=t)
+    ours = attribute(m, x, "occlusion", t, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
+                     baselines=0)
     agree(ours, theirs, "occlusion")
 
 

@@ -1,4 +1,4 @@
-"""``trainfluence demo --small``: every link and image resolves; the report renders in a real browser."""
+"""``trainfluence demo --quick``: every link and image resolves; the report renders in a real browser."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def demo(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["demo", "--small", "--out", str(out / "report"), "--cache-dir", str(out / "cache")])
+        code = main(["demo", "--quick", "--out", str(out / "report"), "--cache-dir", str(out / "cache")])
     assert code == 0
     return {"out": out / "report", "stdout": buf.getvalue()}
 

@@ -44,7 +44,8 @@ class DemoSettings:
     seed: int = 0
 
     @classmethod
-    def small(cls) -> "DemoSettings":
+    def quick(cls) -> "DemoSettings":
+        """The same pipeline on less data, for a first look and for the tests."""
         return cls(train_size=1200, test_size=200, epochs=2, saliency_eval=12, explain=2, saliency_images=2,
                    randomization_images=2, methods=("gradient", "integrated_gradients", "grad_cam"))
 

@@ -45,7 +45,7 @@ from .objective import FunctionalModel, Objective
 from .progress import bar, warn
 from .search import GradientIndex
 from .settings import to_dict, validate
-from .settings.influence import DAMPING_AUTO_FRACTION, InfluenceSettings, SearchSettings, StoreSettings
+from .settings.influence import DAMPING_AUTO_FRACTION, EXACT_AUTO_MAX_PARAMS, InfluenceSettings, SearchSettings, StoreSettings
 from .solvers import SolveReport, make_solver
 from .store import BuildReport, GradientStore, build_store
 from .store.stest import STestCache
@@ -64,7 +64,8 @@ class InfluenceTopK:
 
 
 def resolve_solver(name: str, fm: FunctionalModel) -> str:
-    """``auto`` → ``lissa`` when the selected parameters belong to one Linear or Conv2d layer, else ``ekfac``.
+    """``auto`` → ``exact`` up to ``EXACT_AUTO_MAX_PARAMS`` parameters (the reference, and the fastest there);
+    else ``lissa`` when the selected parameters belong to one Linear or Conv2d layer, else ``ekfac``.
 
     Why (BENCHMARKS.md, LDS): with one layer, EK-FAC captures most of the curvature (κ(P⁻¹H) ≈ 80 on MNIST logistic
     regression) and the EK-FAC-preconditioned LiSSA reaches its tolerance in tens of steps, matching the exact solve
@@ -73,6 +74,8 @@ def resolve_solver(name: str, fm: FunctionalModel) -> str:
     measured there."""
     if name != "auto":
         return name
+    if fm.dim <= EXACT_AUTO_MAX_PARAMS:
+        return "exact"
     from .kfac import KroneckerCurvature
 
     kc = KroneckerCurvature(fm, Objective())

@@ -13,6 +13,7 @@ Notes (``trainfluence: note: …``) and warnings (``trainfluence: warning: …``
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Iterable
 
@@ -35,6 +36,9 @@ def enabled() -> bool:
     return mode() != "off"
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _Lines:
     """A file for tqdm that turns its carriage-return redraws into whole lines on stderr."""
 
@@ -42,7 +46,7 @@ class _Lines:
         self.last = ""
 
     def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
+        line = _ESCAPES.sub("", text.replace("\r", "")).strip()  # tqdm moves the cursor for nested bars
         if line and line != self.last:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()

@@ -17,8 +17,11 @@ from .flags import add_settings, given
 
 def add_data_args(p: argparse.ArgumentParser, *, from_checkpoint: bool = False) -> None:
     """Dataset options.  With ``from_checkpoint`` every option defaults to what the checkpoint was trained on."""
-    g = p.add_argument_group("data" + (" (each defaults to the checkpoint's; --download never does)" if from_checkpoint else ""))
-    add_settings(g, DataConfig)
+    g = p.add_argument_group("data")
+    if from_checkpoint:
+        add_settings(g, DataConfig, default_text="the checkpoint's", defaults={"download": "off"})
+    else:
+        add_settings(g, DataConfig)
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser, *, several: bool = False) -> None:

@@ -6,14 +6,17 @@ import argparse
 from pathlib import Path
 
 from .common import add_device_arg, prepare_out
+from .flags import alias
 
-HELP = "run the whole pipeline on the embedded shapes data (10%% planted label noise) and write one HTML report"
+HELP = "run the whole pipeline on the embedded shapes data (10% planted label noise) and write one HTML report"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help=HELP, description=HELP + " (about 2-3 minutes on 2 CPU cores; --small: ~30 s).")
+    p = sub.add_parser("demo", help=HELP.replace("%", "%%"),
+                       description=HELP + " (see README for the time on 2 CPU cores; --quick: the same on less data).")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--small", action="store_true", help="a small, fast version (for tests)")
+    p.add_argument("--quick", action="store_true", help="the same pipeline on 1,200 training images, 2 epochs")
+    alias(p, "--small", "--quick", dest="quick", nargs=0)
     p.add_argument("--cache-dir", default="cache", help="where the gradient store goes (default cache/)")
     add_device_arg(p)
     p.set_defaults(run=run)
@@ -23,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import DemoSettings, run_demo
     from ..device import resolve_device
 
-    settings = DemoSettings.small() if args.small else DemoSettings()
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
     out = prepare_out(args.out)
     s = run_demo(Path(out), settings, resolve_device(args.device), Path(args.cache_dir))
     print("\ntrainfluence demo — summary")

@@ -76,7 +76,7 @@ class _Deprecated(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
         print(f"trainfluence: note: {option_string} is now {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
 
 
 def _default_text(value: Any) -> str:
@@ -86,16 +86,18 @@ def _default_text(value: Any) -> str:
 
 
 def add_settings(group: Any, cls: type, *, prefix: str = "", dest_prefix: str = "", skip: Sequence[str] = (),
-                 defaults: dict[str, Any] | None = None) -> None:
+                 defaults: dict[str, Any] | None = None, default_text: str | None = None) -> None:
     """One flag per CLI field of settings dataclass ``cls``.  Flags not given leave no attribute (so a base — the
-    checkpoint's settings, say — can supply the value); ``defaults`` only changes what ``--help`` states."""
+    checkpoint's settings, say — can supply the value); ``defaults`` only changes what ``--help`` states, and
+    ``default_text`` replaces the stated default of every flag (e.g. "the checkpoint's")."""
     base = cls()
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True):
             continue
         flag = flag_name(f, prefix)
         default = (defaults or {}).get(f.name, getattr(base, f.name))
-        help_text = f"{f.metadata.get('help', '')} (default {_default_text(default)})".replace("%", "%%")
+        stated = _default_text(default) if f.name in (defaults or {}) or not default_text else default_text
+        help_text = f"{f.metadata.get('help', '')} (default {stated})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": dest_prefix + f.name, "default": argparse.SUPPRESS, "help": help_text}
         rng, choices = f.metadata.get("range"), f.metadata.get("choices")
         if isinstance(base.__dict__.get(f.name), bool) or f.type in ("bool", bool):

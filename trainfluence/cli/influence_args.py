@@ -26,13 +26,18 @@ def add_influence_args(p: argparse.ArgumentParser) -> None:
 
 
 def solver_options(args: argparse.Namespace, solver: str) -> dict[str, Any]:
-    """The chosen solver's flags; a flag of another solver is an error (it would be silently ignored)."""
+    """The chosen solver's flags; a flag of another solver is an error (it would be silently ignored).  With
+    ``--solver auto`` (resolved once the model is known) flags of at most one solver may be given."""
+    flagged = {}
     for name, cls in SOLVER_SETTINGS.items():
-        other = given(args, cls, dest_prefix=f"{name}__")
-        if name != solver and other:
-            flag = "--" + name + "-" + next(iter(other)).replace("_", "-")
+        mine = given(args, cls, dest_prefix=f"{name}__")
+        if mine:
+            flagged[name] = mine
+    for name, mine in flagged.items():
+        if name != solver and (solver != "auto" or len(flagged) > 1):
+            flag = "--" + name + "-" + next(iter(mine)).replace("_", "-")
             raise UserError(f"{flag} applies to --solver {name}, but the solver is {solver}: drop it or pass --solver {name}")
-    return given(args, SOLVER_SETTINGS[solver], dest_prefix=f"{solver}__")
+    return next(iter(flagged.values())) if solver == "auto" and flagged else flagged.get(solver, {})
 
 
 def engine_from_args(args: argparse.Namespace, ckpt: Any, train: Any, device: Any) -> Any:
@@ -41,9 +46,19 @@ def engine_from_args(args: argparse.Namespace, ckpt: Any, train: Any, device: An
     from ..ensemble import EnsembleEngine
     from ..influence import InfluenceEngine
 
+    from ..influence import resolve_solver
+    from ..objective import FunctionalModel
+
     settings = settings_from(args, InfluenceSettings)
-    options = dict(settings=settings, store=settings_from(args, StoreSettings),
-                   solver_settings=solver_options(args, settings.solver), cache_dir=args.cache_dir, device=device)
+    store = settings_from(args, StoreSettings)
+    options = solver_options(args, settings.solver)
+    if settings.solver == "auto" and options:  # solver flags given with --solver auto: they must fit its choice
+        chosen = resolve_solver("auto", FunctionalModel(ckpt.model, store.params))
+        owner = next(n for n in SOLVER_SETTINGS if given(args, SOLVER_SETTINGS[n], dest_prefix=f"{n}__"))
+        if owner != chosen:
+            raise UserError(f"--{owner}-… flags were given, but --solver auto chose {chosen} for this model: pass "
+                            f"--solver {owner} to use {owner}")
+    options = dict(settings=settings, store=store, solver_settings=options, cache_dir=args.cache_dir, device=device)
     paths = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
     if len(paths) == 1:
         return InfluenceEngine(ckpt, train, **options)

@@ -16,7 +16,7 @@ MAX_SHOWN = 1000  # suspects drawn as thumbnails at most (the CSV always lists e
 class AuditSettings:
     scores: list[str] = option(list(SCORE_NAMES), "scores to compute and compare (the first ranks unless --rank-by)",
                                choices=SCORE_NAMES, flag="score")
-    rank_by: str | None = option(None, "score that orders the report (default: the first --score)", choices=SCORE_NAMES)
+    rank_by: str | None = option(None, "score that orders the report; none: the first --score", choices=SCORE_NAMES)
     top: int = option(48, f"suspects shown with thumbnails and label suggestions (at most {MAX_SHOWN})", POSITIVE_INT)
     detail: int = option(6, "top suspects shown with their most helpful and harmful training images", NONNEG_INT)
     related_k: int = option(5, "helpful and harmful training images shown per detailed suspect", POSITIVE_INT)

@@ -31,12 +31,12 @@ class DataConfig:
                        flag="dataset")
     data_root: str = option("data", "folder holding torchvision datasets (MNIST files under DIR/MNIST/raw)")
     download: bool = option(False, "let torchvision download missing dataset files (opt-in; never read from a checkpoint)")
-    image_size: int | None = option(None, "shapes: generated size (default 32, at least 16); folder: resize to S "
-                                    "(default 32)", Range(low=1, high=4096, integer=True, none=True))
-    train_size: int | None = option(None, "shapes: images generated (default 6000); others: keep the first N",
-                                    Range(low=1, integer=True, none=True))
-    test_size: int | None = option(None, "shapes: images generated (default 1200); others: keep the first N",
-                                   Range(low=1, integer=True, none=True))
+    image_size: int | None = option(None, "image side S: shapes are generated at S×S (S ≥ 16), folder images resized "
+                                    "to S×S; none: 32", Range(low=1, high=4096, integer=True, none=True))
+    train_size: int | None = option(None, "training images: shapes generates N, other datasets keep their first N; "
+                                    "none: shapes 6000, others all", Range(low=1, integer=True, none=True))
+    test_size: int | None = option(None, "test images: shapes generates N, other datasets keep their first N; "
+                                   "none: shapes 1200, others all", Range(low=1, integer=True, none=True))
     seed: int = option(0, "shapes generator seed", NONNEG_INT, flag="data-seed")
     label_noise: float = option(0.0, "flip exactly round(RATE*n) training labels on purpose (to measure an audit)",
                                 FRACTION)

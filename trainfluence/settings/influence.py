@@ -18,8 +18,8 @@ class StoreSettings:
 
     params: str = option("all", "parameters differentiated: all | last (the classifier layer) | comma-separated "
                          "module or parameter names")
-    projection_dim: int | None = option(None, "random projection of every gradient to K dimensions (default: none, "
-                                        "full gradients)", Range(low=1, integer=True, none=True),
+    projection_dim: int | None = option(None, "random projection of every gradient to K dimensions; none: full "
+                                        "gradients", Range(low=1, integer=True, none=True),
                                         aliases=("project-dim",))
     projection_seed: int = option(0, "projection seed", NONNEG_INT, aliases=("project-seed",))
     projection: str = option("countsketch", "countsketch: O(p) sparse sign sketch of each per-example gradient | "
@@ -29,7 +29,7 @@ class StoreSettings:
     projection_allocation: str = option("energy", "energy: output dims per parameter block ∝ its gradient energy, "
                                         "small blocks kept exact | uniform: one sketch of the whole vector",
                                         choices=("energy", "uniform"))
-    dtype: str | None = option(None, "stored precision: fp16 | fp32 (default fp16 when projected, else fp32)",
+    dtype: str | None = option(None, "stored precision: fp16 | fp32; none: fp16 when projected, else fp32",
                                choices=("fp16", "fp32"))
     chunk_size: int = option(1024, "rows per resumable, checksummed chunk", POSITIVE_INT)
     memory_budget_mb: int = option(1024, "working memory for one vmap batch, MiB", POSITIVE_INT, flag="memory-budget")
@@ -48,22 +48,25 @@ CURVATURES = ("ggn", "hessian")
 #: damping "auto" = this fraction of the mean eigenvalue of the Gauss–Newton matrix (trace/p, exact from EK-FAC),
 #: chosen by the linear datamodeling score (BENCHMARKS.md, "Damping")
 DAMPING_AUTO_FRACTION = 0.01
+#: solver "auto" solves exactly up to this many parameters: the dense H costs p/chunk batched passes over the data and
+#: an eigendecomposition of under a second, less than the iterative solvers' own start-up
+EXACT_AUTO_MAX_PARAMS = 1024
 
 
 @dataclass
 class ExactSettings:
     """``exact``: the dense Hessian and its eigendecomposition."""
 
-    max_memory_gb: float | None = option(None, "refuse when the dense p×p solve needs more than this (default: 80% of "
-                                         "the memory available now)", Range(low=0, low_open=True, none=True))
+    max_memory_gb: float | None = option(None, "refuse when the dense p×p solve needs more than this; none: 80% of "
+                                         "the memory available now", Range(low=0, low_open=True, none=True))
 
 
 @dataclass
 class KroneckerSettings:
     """``ekfac`` / ``kfac``: Kronecker-factored Gauss–Newton (EK-FAC corrects K-FAC's eigenvalues)."""
 
-    samples: int | None = option(None, "training examples the factors are estimated from (default: all of the "
-                                 "Hessian's examples)", Range(low=1, integer=True, none=True))
+    samples: int | None = option(None, "training examples the factors are estimated from; none: all of the "
+                                 "Hessian's examples", Range(low=1, integer=True, none=True))
     batch_size: int = option(128, "examples per factor batch", POSITIVE_INT)
     seed: int = option(0, "seed of the sample, when --*-samples is below the Hessian's examples", NONNEG_INT)
 
@@ -106,7 +109,7 @@ class ArnoldiSettings:
                              "within 2× of wd + λ (or max-rank)", Range(low=1, integer=True, words=("auto",)))
     max_rank: int = option(2048, "the most eigenpairs rank auto keeps", POSITIVE_INT)
     tol: float = option(1e-4, "relative accuracy of the eigenvalues (0: machine precision)", NONNEG)
-    maxiter: int | None = option(None, "ARPACK restarts (default: its own)", Range(low=1, integer=True, none=True))
+    maxiter: int | None = option(None, "ARPACK restarts; none: its own choice", Range(low=1, integer=True, none=True))
     seed: int = option(0, "starting vector seed", NONNEG_INT)
 
 
@@ -119,8 +122,8 @@ SOLVER_SETTINGS: dict[str, type] = {"exact": ExactSettings, "lissa": LissaSettin
 class InfluenceSettings:
     """The influence engine: which solver, which curvature, how much damping."""
 
-    solver: str = option("auto", "inverse-HVP solver: auto (lissa when the selected parameters are one layer, ekfac "
-                         "when they span several — see BENCHMARKS.md) | " + " | ".join(SOLVER_SETTINGS),
+    solver: str = option("auto", f"inverse-HVP solver: auto (exact up to {EXACT_AUTO_MAX_PARAMS} parameters, else lissa "
+                         "when the selected parameters are one layer, ekfac when they span several — see BENCHMARKS.md) | " + " | ".join(SOLVER_SETTINGS),
                          choices=("auto", *SOLVER_SETTINGS))
     curvature: str = option("ggn", "ggn: the Gauss–Newton matrix JᵀH_fJ (positive semi-definite; what K-FAC/EK-FAC "
                             "approximate) | hessian: the exact Hessian (indefinite on a deep net: damping must exceed "
@@ -129,9 +132,9 @@ class InfluenceSettings:
                                   f"{DAMPING_AUTO_FRACTION:g} × the mean eigenvalue of the Gauss–Newton matrix "
                                   "(its trace / p, measured), recorded with the results",
                                   Range(low=0, high=1e8, words=("auto",)))
-    weight_decay: float | None = option(None, "wd of the training objective (default: the checkpoint's)",
+    weight_decay: float | None = option(None, "wd of the training objective; none: the checkpoint's",
                                         Range(low=0, none=True))
-    hessian_samples: int | None = option(None, "build H from this many random training examples (default: all)",
+    hessian_samples: int | None = option(None, "build H from this many random training examples; none: all",
                                          Range(low=1, integer=True, none=True))
     hessian_batch_size: int = option(256, "examples per Hessian-vector product batch", POSITIVE_INT)
     strict: bool = option(False, "an unconverged solve (LiSSA at its step limit, CG at maxiter) is an error, "
@@ -144,7 +147,7 @@ class SearchSettings:
 
     kind: str = option("flat", "flat (exact) | fp16 (exhaustive over fp16 rows) | ivf (approximate)",
                        choices=("flat", "fp16", "ivf"), flag="index")
-    nlist: int | None = option(None, "ivf cells (default ≈ 4·√n)", Range(low=1, integer=True, none=True))
+    nlist: int | None = option(None, "ivf cells; none: about 4·√n", Range(low=1, integer=True, none=True))
     nprobe: int = option(16, "ivf cells searched per query", POSITIVE_INT)
 
 
