@@ -3,8 +3,9 @@
 Measures, in one run on MNIST with the default CNN: per-example gradient throughput of the store build against
 plain batched forward+backward of the same model on the same data (the physical limit) and against a
 per-example autograd loop; the projection's overhead (CountSketch vs dense Gaussian); build time and size of
-the store of all 60,000 training images at k = 4096; top-10 query latency over that store, faiss vs numpy.
-Writes its table into BENCHMARKS.md.
+the store of all 60,000 training images at k = 4096, with CountSketch and with the factored (LoGra) Kronecker
+projection; throughput against k and against model size (the default CNN and resnet18 at 32×32); top-10 query
+latency over that store, faiss vs numpy.  Writes its table into BENCHMARKS.md.
 
     python scripts/bench_cache.py --data-root ../shared/data
 """
@@ -31,8 +32,45 @@ from trainfluence.objective import FunctionalModel, Objective  # noqa: E402
 from trainfluence.projection import ProjectionSpec, Projector  # noqa: E402
 from trainfluence.search import GradientIndex, brute_force_top_k, recall_at_k  # noqa: E402
 from trainfluence.settings.influence import SearchSettings, StoreSettings  # noqa: E402
+from trainfluence.factored import FactoredProjector, factored_layout  # noqa: E402
+from trainfluence.models import build_model  # noqa: E402
 from trainfluence.store import build_store  # noqa: E402
+from trainfluence.store.build import FACTORED_BATCH, block_energies  # noqa: E402
 from trainfluence.train import TrainConfig, train  # noqa: E402
+
+
+def fwd_bwd_rate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, repeats: int = 2) -> float:
+    """Examples/s of a plain training step's forward and backward (no optimiser step) at batch size ``bs``."""
+    def run():
+        for i in range(0, len(x), bs):
+            net.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x[i : i + bs]), y[i : i + bs]).backward()
+    return len(x) / timed(run, repeats=repeats)
+
+
+def factored_rate(fm: FunctionalModel, computer: GradientComputer, source, x: torch.Tensor, y: torch.Tensor, k: int,
+                  repeats: int = 2) -> float:
+    """Examples/s of the factored Kronecker projection to k (one batched forward/backward per batch), the store's
+    layout and batch."""
+    proj = FactoredProjector(fm, Objective(), factored_layout(fm, k, block_energies(fm, computer, source)))
+    assert proj.dim == k, (proj.dim, k)
+
+    def run():
+        for i in range(0, len(x), FACTORED_BATCH):
+            proj.per_example(x[i : i + FACTORED_BATCH], y[i : i + FACTORED_BATCH])
+    return len(x) / timed(run, repeats=repeats)
+
+
+def countsketch_rate(fm: FunctionalModel, computer: GradientComputer, x: torch.Tensor, y: torch.Tensor, k: int,
+                     repeats: int = 2) -> float:
+    """Examples/s of vmap per-example gradients + CountSketch to k (the store's default path)."""
+    proj = Projector(ProjectionSpec(k, 0, "countsketch"), fm.sizes, fm.device)
+
+    def run():
+        with torch.no_grad():
+            for eg in computer.batches(x, y):
+                proj.project_blocks([eg.grads[n] for n in fm.names])
+    return len(x) / timed(run, repeats=repeats)
 
 
 def main() -> None:
@@ -42,6 +80,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--micro", type=int, default=4096, help="examples in the throughput comparison")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--resnet-n", type=int, default=256, help="shapes images in the resnet18 comparison")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_cache_"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,6 +156,35 @@ def main() -> None:
     store = report.store
     size_mib = store.size_bytes() / 2**20
 
+    kron_settings = StoreSettings(params="all", projection_dim=args.k, projection="kronecker")
+    start = time.perf_counter()
+    kron_report = build_store(model, train_set, settings=kron_settings, cache_dir=work / "cache-kron", device=device)
+    kron_build_s = time.perf_counter() - start
+    kron_mib = kron_report.store.size_bytes() / 2**20
+
+    # ---- throughput against k, and against model size ----------------------------------------------------------
+    print("throughput against k …", flush=True)
+    ks = (1024, 4096, 16384)
+    k_rows = []
+    for k in ks:
+        f_rate, c_rate = factored_rate(fm, computer, train_set, x, y, k), countsketch_rate(fm, computer, x, y, k)
+        k_rows.append([f"{k:,}", f_rate, f_rate / fb[best_bs], c_rate, c_rate / fb[best_bs]])
+    print("resnet18 at 32x32 …", flush=True)
+    shapes = load_dataset(DataConfig("shapes", train_size=args.resnet_n, test_size=16, image_size=32), "train")
+    rx, ry = shapes.tensors(slice(0, args.resnet_n), device)
+    resnet = build_model("resnet18", num_classes=shapes.num_classes, in_channels=3, image_size=32).to(device).eval()
+    r_fm = FunctionalModel(resnet, "all")
+    r_computer = GradientComputer(r_fm, Objective())
+    r_fb = fwd_bwd_rate(resnet, rx, ry, FACTORED_BATCH, repeats=1)
+    r_f = factored_rate(r_fm, r_computer, shapes, rx, ry, args.k, repeats=1)
+    r_c = countsketch_rate(r_fm, r_computer, rx, ry, args.k, repeats=1)
+    cnn_f, cnn_c = factored_rate(fm, computer, train_set, x, y, args.k), countsketch_rate(fm, computer, x, y, args.k)
+    size_rows = [
+        [f"default CNN, MNIST 28×28 ({fm.dim:,} parameters)", fb[best_bs], cnn_f, cnn_f / fb[best_bs], cnn_c,
+         cnn_c / fb[best_bs]],
+        [f"resnet18, shapes 32×32 ({r_fm.dim:,} parameters)", r_fb, r_f, r_f / r_fb, r_c, r_c / r_fb],
+    ]
+
     # ---- queries ---------------------------------------------------------------------------------------
     tx, ty = test_set.tensors(slice(0, 20), device)
     queries = countsketch.project(computer.flat(tx, ty)).cpu().numpy()
@@ -160,6 +228,8 @@ def main() -> None:
         [f"vmap + CountSketch to k={args.k}", t_cs, t_cs / fb_vb],
         [f"vmap + dense Gaussian to k={args.k}", t_gauss, t_gauss / fb_vb],
         [f"store build, all {store.n} images (vmap + CountSketch + fp16 write + checksums)", report.throughput, report.throughput / fb_vb],
+        [f"store build, all {store.n} images, factored Kronecker projection (`--projection kronecker`)",
+         kron_report.throughput, kron_report.throughput / fb_vb],
     ]
     body = f"""### Gradient store: throughput, size, queries (MNIST, default CNN, {fm.dim:,} parameters)
 
@@ -173,7 +243,18 @@ Against the best batched forward+backward of any batch size the store build runs
 {", ".join(f"{bs}: {fb[bs]:,.0f} | {sweep[bs]:,.0f}" for bs in sizes)}.  Projection overhead (CountSketch vs no projection):
 {(t_vmap / t_cs - 1) * 100:.0f}% of the gradient time; the dense Gaussian costs {t_vmap / t_gauss:.1f}× the gradient time.
 
-Store of all {store.n:,} training images at k = {args.k} (fp16): built in {build_s:.1f} s, {size_mib:.0f} MiB on disk.
+Store of all {store.n:,} training images at k = {args.k} (fp16): built in {build_s:.1f} s with CountSketch,
+{kron_build_s:.1f} s with the factored Kronecker projection; {size_mib:.0f} / {kron_mib:.0f} MiB on disk.
+
+Throughput against k on the same {len(x)} images (examples/s, and × the best batched forward+backward,
+batch {best_bs}):
+
+{table(["k", "factored Kronecker", "×", "vmap + CountSketch", "×"], k_rows)}
+
+Against model size, k = {args.k} (resnet18: {args.resnet_n} shapes images at 32×32, eval mode, forward+backward at
+batch {FACTORED_BATCH}; its BatchNorm parameters take the vmap path, its convolutions and classifier the factored one):
+
+{table(["model", "forward+backward ex/s", "factored Kronecker ex/s", "×", "vmap + CountSketch ex/s", "×"], size_rows)}
 
 Query latency over that store: the 10 most helpful and the 10 most harmful training images of one test point
 (one query vector s_test; both lists), alone and per test point when 20 test points are asked at once:

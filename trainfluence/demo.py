@@ -33,12 +33,13 @@ from .train import TrainConfig, train
 class DemoSettings:
     train_size: int = 6000
     test_size: int = 1200
-    epochs: int = 6
+    epochs: int = 5
     label_noise: float = 0.1
     noise_seed: int = 0
     explain: int = 4  # test images explained by training images
     saliency_images: int = 4
-    saliency_eval: int = 100  # test images in the saliency evaluation
+    saliency_eval: int = 50  # test images in the saliency evaluation
+    hessian_samples: int | None = 2000  # training images the curvature (EK-FAC factors) is estimated from
     randomization_images: int = 8
     methods: tuple[str, ...] = ("gradient", "guided_backprop", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion")
     seed: int = 0
@@ -46,8 +47,8 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         """The same pipeline on less data, for a first look and for the tests."""
-        return cls(train_size=1200, test_size=200, epochs=2, saliency_eval=12, explain=2, saliency_images=2,
-                   randomization_images=2, methods=("gradient", "integrated_gradients", "grad_cam"))
+        return cls(train_size=1500, test_size=300, epochs=8, saliency_eval=12, explain=2, saliency_images=2,
+                   randomization_images=2, methods=("gradient", "integrated_gradients", "grad_cam"), hessian_samples=600)
 
 
 def _stage(timings: dict[str, float], name: str, start: float) -> None:
@@ -71,7 +72,9 @@ def run_demo(out: Path, settings: DemoSettings, device: torch.device, cache_dir:
     _stage(timings, "train", t0)
 
     t0 = time.perf_counter()
-    engine = InfluenceEngine(ckpt, train_set, cache_dir=cache_dir, device=device)  # the defaults of the CLI
+    # the defaults of the CLI, with the curvature estimated from a sample (--hessian-samples) to keep the demo short
+    engine = InfluenceEngine(ckpt, train_set, cache_dir=cache_dir, device=device,
+                             hessian_samples=settings.hessian_samples)
     store = engine.build_cache()
     _stage(timings, "gradient store", t0)
 
