@@ -23,7 +23,7 @@ class Net(nn.Module):
         torch.manual_seed(0)
         self.c1 = nn.Conv2d(3, 6, 3, padding=1)
         self.bn = nn.BatchNorm2d(6)
-        self.c2 = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False)
+        self.c2 = nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, bias=False)
         self.fc = nn.Linear(8 * 4 * 4, 5)
         self.bn.running_var.fill_(1.3)
 

@@ -7,7 +7,7 @@ import pytest
 
 from trainfluence.checkpoint import load_checkpoint
 from trainfluence.data import DataConfig, load_dataset
-from trainfluence.search import GradientIndex, SearchSettings, brute_force_top_k, recall_at_k
+from trainfluence.search import FEW_QUERIES, GradientIndex, SearchSettings, brute_force_top_k, recall_at_k
 from trainfluence.settings.influence import StoreSettings
 from trainfluence.store import build_store
 
@@ -20,10 +20,11 @@ def store(shapes_run, tmp_path_factory):
                        cache_dir=tmp_path_factory.mktemp("search")).store
 
 
-def test_flat_index_equals_brute_force(store):
+@pytest.mark.parametrize("m", [1, FEW_QUERIES + 1])  # one matrix product for a few queries; faiss for more
+def test_flat_index_equals_brute_force(store, m):
     matrix = store.read()
     rng = np.random.default_rng(0)
-    queries = matrix[rng.choice(store.n, 5)] + 0.1 * rng.normal(size=(5, store.dim)).astype(np.float32) * matrix.std()
+    queries = matrix[rng.choice(store.n, m)] + 0.1 * rng.normal(size=(m, store.dim)).astype(np.float32) * matrix.std()
     got = GradientIndex(store).search(queries, 10)
     want = brute_force_top_k(matrix, queries, 10)
     np.testing.assert_allclose(got.largest_score, want.largest_score, rtol=1e-4, atol=1e-6)

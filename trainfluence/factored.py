@@ -195,17 +195,21 @@ class FactoredProjector:
                 h.remove()
         projected: dict[str, torch.Tensor] = {}
         for layer, d in zip(self.layers, deltas):
-            inp = inputs[layer.module]
+            inp, P_in, P_out = inputs[layer.module], self.P_in[layer.module], self.P_out[layer.module]
+            w_in = P_in[:, : layer.d_in - int(layer.bias is not None)]
             if layer.conv is not None:
-                a = F.unfold(inp, **layer.conv).transpose(1, 2)  # [B, T, C·kh·kw]
+                # P_in applied to every unfolded patch is a convolution with P_in's rows as kernels: the same
+                # numbers as unfold-then-matmul without materialising the patches
+                c = layer.conv
+                a_p = F.conv2d(inp, w_in.reshape(len(w_in), inp.shape[1], *c["kernel_size"]), stride=c["stride"],
+                               padding=c["padding"], dilation=c["dilation"]).flatten(2).transpose(1, 2)  # [B, T, k_in]
                 d = d.flatten(2).transpose(1, 2)  # [B, T, out]
             else:
-                a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
+                a_p = inp.reshape(inp.shape[0], -1, inp.shape[-1]) @ w_in.T  # [B, T, k_in]
                 d = d.reshape(d.shape[0], -1, d.shape[-1])
-            a_p = a @ self.P_in[layer.module][:, : a.shape[-1]].T  # [B, T, k_in]
             if layer.bias is not None:  # the bias column is a constant 1: its projection is P_in's last column
-                a_p = a_p + self.P_in[layer.module][:, -1]
-            d_p = d @ self.P_out[layer.module].T  # [B, T, k_out]
+                a_p = a_p + P_in[:, -1]
+            d_p = d if layer.k_out == layer.d_out else d @ P_out.T  # [B, T, k_out] (P_out = I: nothing to do)
             projected[layer.module] = torch.einsum("bto,bti->boi", d_p, a_p).flatten(1)
         if self._per_example_others is not None:
             own = {n: fm.params[n] for n in self.others}

@@ -6,7 +6,8 @@ The index file lives beside the store (its name carries the store's content id, 
 one) with a SHA-256 beside it: an edited or truncated index is noticed and rebuilt, never silently used.  Queries
 must be finite, and faiss's "no result" (index −1) never reaches a caller.
 
-``flat`` (default) is exact (``IndexFlatIP``, float32); ``fp16`` is exhaustive over fp16 copies of the rows
+``flat`` (default) is exact (``IndexFlatIP``, float32; up to ``FEW_QUERIES`` queries are answered by one matrix
+product over its rows instead, one pass over memory for both lists); ``fp16`` is exhaustive over fp16 copies of the rows
 (``IndexScalarQuantizer``, half the memory and about twice as fast for a single query; exact up to fp16
 rounding, which is what an fp16 store holds anyway); ``ivf`` clusters the rows into ``nlist`` cells and
 searches ``nprobe`` of them (``IndexIVFFlat``) — approximate, for large n (its recall on gradients is reported
@@ -28,6 +29,10 @@ from .progress import bar, note
 from .settings import validate
 from .settings.influence import SearchSettings
 from .store import GradientStore
+
+#: up to this many queries, ``flat`` answers from one matrix product (one pass over the rows for both lists);
+#: more, and faiss's blocked product over [q; −q] is faster per query
+FEW_QUERIES = 4
 
 
 @dataclass
@@ -95,12 +100,28 @@ class GradientIndex:
         if k < 1:
             raise UserError(f"top-k needs k ≥ 1, got {k}")
         k = min(k, self.store.n)
+        if self.settings.kind == "flat" and len(q) <= FEW_QUERIES:
+            return self._scan(q, k)
         scores, index = self.index.search(np.concatenate([q, -q]), k)
         if (index < 0).any() or not np.isfinite(scores).all():  # faiss's "no result": fewer hits than asked
             raise UserError(f"the {self.settings.kind} index returned fewer than {k} results per query: use --index flat, "
                             "or a larger --nprobe for ivf")
         m = len(q)
         return TopK(index[:m], scores[:m], index[m:], -scores[m:])
+
+
+    def _scan(self, q: np.ndarray, k: int) -> TopK:
+        """Exact top-k for a few queries from one matrix product over the flat index's own float32 rows (no copy):
+        one pass over memory gives both lists, where faiss's per-query scan reads the rows once per list."""
+        rows = faiss.rev_swig_ptr(faiss.downcast_index(self.index).get_xb(), self.store.n * self.store.dim)
+        scores = q @ np.asarray(rows).reshape(self.store.n, self.store.dim).T  # [m, n]
+        if not np.isfinite(scores).all():
+            raise UserError("the flat index holds non-finite rows: delete the cache folder and build it again")
+        big = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        big = np.take_along_axis(big, np.argsort(-np.take_along_axis(scores, big, 1), axis=1, kind="stable"), 1)
+        small = np.argpartition(scores, k - 1, axis=1)[:, :k]
+        small = np.take_along_axis(small, np.argsort(np.take_along_axis(scores, small, 1), axis=1, kind="stable"), 1)
+        return TopK(big, np.take_along_axis(scores, big, 1), small, np.take_along_axis(scores, small, 1))
 
 
 def brute_force_top_k(matrix: np.ndarray, queries: np.ndarray, k: int) -> TopK:
