@@ -252,7 +252,8 @@ batch {best_bs}):
 {table(["k", "factored Kronecker", "×", "vmap + CountSketch", "×"], k_rows)}
 
 Against model size, k = {args.k} (resnet18: {args.resnet_n} shapes images at 32×32, eval mode, forward+backward at
-batch {FACTORED_BATCH}; its BatchNorm parameters take the vmap path, its convolutions and classifier the factored one):
+batch {FACTORED_BATCH}; its convolutions and classifier take the factored path, its BatchNorm parameters per-example
+gradients from the same hooks):
 
 {table(["model", "forward+backward ex/s", "factored Kronecker ex/s", "×", "vmap + CountSketch ex/s", "×"], size_rows)}
 

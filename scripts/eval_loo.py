@@ -178,7 +178,8 @@ def render(r: dict) -> str:
             lines.append(f"The CNN was trained {e['epochs']} epochs (SGD, wd {e['weight_decay']}), then refined by "
                          f"{e['refine_iterations']} full-batch L-BFGS iterations in float64 ({e['refine_s']:.0f} s); it is not at a "
                          f"stationary point (gradient norm {e['gradient_norm']:.1e}: ReLU and max-pool make the objective "
-                         "non-smooth and L-BFGS stalls), and its Hessian is indefinite, so damping makes H + λI definite. Each "
+                         "non-smooth and L-BFGS stalls); " + ("the Gauss–Newton curvature is positive semi-definite there" if
+                         e.get("curvature") == "ggn" else "its Hessian is indefinite, so damping makes H + λI definite") + ". Each "
                          f"retraining is {e['refit']['max_iter']} L-BFGS iterations from the refined parameters, and the actual "
                          f"change is measured against a baseline retrained the same way with nothing removed ({e['retrainings']} "
                          f"retrainings, {e['retrain_s']:.0f} s each).")

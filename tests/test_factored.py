@@ -15,8 +15,8 @@ from trainfluence.objective import FunctionalModel, Objective
 
 
 class Net(nn.Module):
-    """Convolutions (padded, strided, with and without bias), BatchNorm (the per-example fallback), in-place
-    ReLUs and a linear head."""
+    """Convolutions (padded, strided, dilated, with and without bias), BatchNorm (per-example gradients from the
+    hooks), in-place ReLUs, a linear head and a free parameter (the per-example vmap fallback)."""
 
     def __init__(self):
         super().__init__()
@@ -25,12 +25,15 @@ class Net(nn.Module):
         self.bn = nn.BatchNorm2d(6)
         self.c2 = nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, bias=False)
         self.fc = nn.Linear(8 * 4 * 4, 5)
-        self.bn.running_var.fill_(1.3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+        self.bn.running_var.copy_(torch.linspace(0.7, 1.6, 6))
+        self.bn.running_mean.copy_(torch.linspace(-0.2, 0.3, 6))
+        self.bn.weight.data.copy_(torch.linspace(0.8, 1.2, 6))
 
     def forward(self, x):
         x = F.relu(self.bn(self.c1(x)), inplace=True)
         x = F.relu(self.c2(x), inplace=True)
-        return self.fc(x.flatten(1))
+        return self.fc(x.flatten(1)) * self.scale
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,8 @@ def test_factored_path_equals_the_dense_kronecker_projection(setup):
     fm, x, y, grads = setup
     assert [layer.module for layer in factored_layers(fm)] == ["c1", "c2", "fc"]
     proj = FactoredProjector(fm, Objective(), layout_for(fm, 256), seed=3)
-    assert proj.others == ["bn.weight", "bn.bias"]
+    assert proj.others == ["scale", "bn.weight", "bn.bias"]
+    assert proj.norms == {"bn": ("bn.weight", "bn.bias")} and proj.vmapped == ["scale"]
     got, losses, logits = proj.per_example(x, y)
     want = proj.project(grads)
     assert got.shape == want.shape == (24, proj.dim)

@@ -16,8 +16,10 @@ gradient matrices A and B,
 
 (condition on P_in: a Gaussian sketch of A P_inᵀ, B P_inᵀ; then the variance of ⟨A P_inᵀ, B P_inᵀ⟩ itself), against
 2/(k_out k_in) for CountSketch — the price of never forming the gradient.  A side that keeps all its coordinates
-(k = d) is copied, not sketched, and drops its terms from the bound.  Parameters of other layers
-(BatchNorm, …) are handled per layer by the per-example ``vmap`` path and a CountSketch of their block.
+(k = d) is copied, not sketched, and drops its terms from the bound.  A BatchNorm2d in eval mode with running
+statistics, y = γ·x̂ + β with x̂ = (x − μ)/√(σ² + ε), gets its per-example gradients from the same pass
+(∂ℓᵢ/∂γ = Σₜ δₜ x̂ₜ, ∂ℓᵢ/∂β = Σₜ δₜ per channel) and a CountSketch of its block; any other parameter is handled by
+the per-example ``vmap`` path and a CountSketch.
 
 The output coordinates are laid out block by block in the order of the selected parameters: a Kronecker layer's
 k_out·k_in coordinates where its weight comes (its bias has none of its own), every other parameter's where it is.
@@ -75,6 +77,18 @@ def factored_layers(fm: FunctionalModel) -> list[FactoredLayer]:
     return out
 
 
+def hooked_norms(fm: FunctionalModel) -> dict[str, tuple[str, str]]:
+    """BatchNorm2d modules whose selected γ and β get per-example gradients from hooks: affine, with running
+    statistics (so eval mode normalises each example on its own).  module → (γ name, β name)."""
+    chosen, out = set(fm.names), {}
+    for name, module in fm.module.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and module.affine and module.running_mean is not None:
+            weight, bias = f"{name}.weight", f"{name}.bias"
+            if weight in chosen and bias in chosen:
+                out[name] = (weight, bias)
+    return out
+
+
 def split_dims(k: int, d_out: int, d_in: int) -> tuple[int, int]:
     """k_out · k_in ≤ k with k_out ≤ d_out, k_in ≤ d_in, the two as balanced as the shapes allow (the variance bound
     2/k_out + 2/k_in is smallest when they are equal)."""
@@ -120,9 +134,12 @@ class FactoredProjector:
             elif n in self.other_dims:
                 self.slots.append(("other", n, self.other_dims[n]))
         self.dim = sum(width for _, _, width in self.slots)
+        self.norms = hooked_norms(fm)
+        by_hook = {n for pair in self.norms.values() for n in pair}
+        self.vmapped = [n for n in self.others if n not in by_hook]
         self._per_example_others = None
-        if self.others:
-            fixed = {n: p for n, p in fm.params.items() if n not in self.others}
+        if self.vmapped:
+            fixed = {n: p for n, p in fm.params.items() if n not in self.vmapped}
 
             def loss(own, xi, yi):
                 out = objective.outputs(lambda inp: fm({**fixed, **own}, inp), xi.unsqueeze(0))
@@ -182,17 +199,19 @@ class FactoredProjector:
                 return out.clone()  # what follows (an in-place ReLU) must not change the recorded output
             return hook
 
-        handles = [modules[layer.module].register_forward_hook(hook_for(layer.module)) for layer in self.layers]
-        params = {n: p.detach().requires_grad_(n in {L.weight for L in self.layers}) for n, p in fm.params.items()}
+        hooked = [layer.module for layer in self.layers] + list(self.norms)
+        handles = [modules[name].register_forward_hook(hook_for(name)) for name in hooked]
+        needs_graph = {L.weight for L in self.layers} | {pair[0] for pair in self.norms.values()}
+        params = {n: p.detach().requires_grad_(n in needs_graph) for n, p in fm.params.items()}
         try:
             with torch.enable_grad():
                 logits = self.objective.outputs(lambda inp: fm(params, inp), x)
                 losses = self.objective.loss(logits, y)
-                deltas = torch.autograd.grad(losses.sum(), [outputs[layer.module] for layer in self.layers]) \
-                    if self.layers else []
+                all_deltas = torch.autograd.grad(losses.sum(), [outputs[name] for name in hooked]) if hooked else []
         finally:
             for h in handles:
                 h.remove()
+        deltas, norm_deltas = all_deltas[: len(self.layers)], all_deltas[len(self.layers):]
         projected: dict[str, torch.Tensor] = {}
         for layer, d in zip(self.layers, deltas):
             inp, P_in, P_out = inputs[layer.module], self.P_in[layer.module], self.P_out[layer.module]
@@ -211,11 +230,16 @@ class FactoredProjector:
                 a_p = a_p + P_in[:, -1]
             d_p = d if layer.k_out == layer.d_out else d @ P_out.T  # [B, T, k_out] (P_out = I: nothing to do)
             projected[layer.module] = torch.einsum("bto,bti->boi", d_p, a_p).flatten(1)
+        for (name, (gamma, beta)), d in zip(self.norms.items(), norm_deltas):
+            bn = modules[name]
+            x_hat = (inputs[name] - bn.running_mean[:, None, None]) / (bn.running_var[:, None, None] + bn.eps).sqrt()
+            projected[gamma] = self._sketch_other(gamma, (d * x_hat).sum((2, 3)))
+            projected[beta] = self._sketch_other(beta, d.sum((2, 3)))
         if self._per_example_others is not None:
-            own = {n: fm.params[n] for n in self.others}
+            own = {n: fm.params[n] for n in self.vmapped}
             with torch.no_grad():
                 per = self._per_example_others(own, x, y)
-            for n in self.others:
+            for n in self.vmapped:
                 projected[n] = self._sketch_other(n, per[n].flatten(1))
         out = torch.cat([projected[name] for _, name, _ in self.slots], dim=1)
         return out.float(), losses.detach(), logits.detach()
