@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TRAINFLUENCE_PROGRESS", "0")  # progress bars are for people; keep test logs readable
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n W`: share the cores between the workers, never oversubscribe
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_ROOT = (ROOT / ".." / "shared" / "data").resolve()
