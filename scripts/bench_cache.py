@@ -98,15 +98,8 @@ def main() -> None:
     vb = computer.batch_size(x[0])
     net = load_checkpoint(work / "run" / "final.pt", device=device).model.eval()
 
-    def fwd_bwd(bs: int):
-        def run():
-            for i in range(0, len(x), bs):
-                net.zero_grad(set_to_none=True)
-                F.cross_entropy(net(x[i : i + bs]), y[i : i + bs]).backward()
-        return run
-
     sizes = (32, 64, 128, 256)
-    fb = {bs: len(x) / timed(fwd_bwd(bs), repeats=2) for bs in sizes}
+    fb = {bs: fwd_bwd_rate(net, x, y, bs) for bs in sizes}
     best_bs = max(fb, key=fb.get)
 
     def vmap_only():
@@ -125,7 +118,7 @@ def main() -> None:
         return run
 
     t_vmap = len(x) / timed(vmap_only, repeats=2)
-    t_cs = len(x) / timed(vmap_proj(countsketch, x, y), repeats=2)
+    t_cs = countsketch_rate(fm, computer, x, y, args.k)
     sweep = {}
     for bs in sizes:
         sized = GradientComputer(fm, Objective(), batch_size=bs)
@@ -164,11 +157,9 @@ def main() -> None:
 
     # ---- throughput against k, and against model size ----------------------------------------------------------
     print("throughput against k …", flush=True)
-    ks = (1024, 4096, 16384)
-    k_rows = []
-    for k in ks:
-        f_rate, c_rate = factored_rate(fm, computer, train_set, x, y, k), countsketch_rate(fm, computer, x, y, k)
-        k_rows.append([f"{k:,}", f_rate, f_rate / fb[best_bs], c_rate, c_rate / fb[best_bs]])
+    rates = {k: (factored_rate(fm, computer, train_set, x, y, k), countsketch_rate(fm, computer, x, y, k))
+             for k in sorted({1024, 4096, 16384, args.k})}
+    k_rows = [[f"{k:,}", f, f / fb[best_bs], c, c / fb[best_bs]] for k, (f, c) in rates.items()]
     print("resnet18 at 32x32 …", flush=True)
     shapes = load_dataset(DataConfig("shapes", train_size=args.resnet_n, test_size=16, image_size=32), "train")
     rx, ry = shapes.tensors(slice(0, args.resnet_n), device)
@@ -178,7 +169,7 @@ def main() -> None:
     r_fb = fwd_bwd_rate(resnet, rx, ry, FACTORED_BATCH, repeats=1)
     r_f = factored_rate(r_fm, r_computer, shapes, rx, ry, args.k, repeats=1)
     r_c = countsketch_rate(r_fm, r_computer, rx, ry, args.k, repeats=1)
-    cnn_f, cnn_c = factored_rate(fm, computer, train_set, x, y, args.k), countsketch_rate(fm, computer, x, y, args.k)
+    cnn_f, cnn_c = rates[args.k]
     size_rows = [
         [f"default CNN, MNIST 28×28 ({fm.dim:,} parameters)", fb[best_bs], cnn_f, cnn_f / fb[best_bs], cnn_c,
          cnn_c / fb[best_bs]],
@@ -219,7 +210,7 @@ def main() -> None:
         query_rows.append([label, *latency(idx), recall_at_k(got.largest_index, exact.largest_index),
                            recall_at_k(got.smallest_index, exact.smallest_index), build])
 
-    fb_vb = fb.get(vb) or len(x) / timed(fwd_bwd(vb), repeats=2)
+    fb_vb = fb.get(vb) or fwd_bwd_rate(net, x, y, vb)
     rows = [
         [f"batched forward+backward, batch {vb} (same batch as the store)", fb_vb, 1.0],
         [f"batched forward+backward, best batch ({best_bs})", fb[best_bs], fb[best_bs] / fb_vb],

@@ -250,6 +250,31 @@ def test_faiss_no_result_never_reaches_a_caller(shapes_run, tmp_path):
 
 
 # ---- 4. solvers report convergence ------------------------------------------------------------------------------
+def test_solver_flags_with_solver_auto_must_fit_its_choice(tmp_path):
+    from trainfluence.cli import build_parser
+    from trainfluence.cli.flags import settings_from
+    from trainfluence.cli.influence_args import solver_options
+    from trainfluence.settings.influence import InfluenceSettings, LissaSettings
+
+    def options(*flags: str):
+        args = build_parser().parse_args(["explain", "--checkpoint", "x.pt", "--index", "0", *flags])
+        return solver_options(args, settings_from(args, InfluenceSettings).solver)
+
+    assert options() is None
+    assert options("--lissa-depth", "50") == LissaSettings(depth=50)  # one solver's flags: kept for auto's choice
+    with pytest.raises(UserError, match="--cg-maxiter applies to --solver cg, but the solver is auto"):
+        options("--lissa-depth", "50", "--cg-maxiter", "5")
+    with pytest.raises(UserError, match="--lissa-depth applies to --solver lissa, but the solver is cg"):
+        options("--solver", "cg", "--lissa-depth", "50")
+    # auto picks exact for 39 parameters: LiSSA's settings are refused, naming the solver that takes them
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    data = (torch.randn(20, 1, 3, 4), torch.randint(0, 3, (20,)))
+    with pytest.raises(UserError, match=r"LissaSettings \(--lissa-… options\) configure --solver lissa, but the solver is exact"):
+        InfluenceEngine(model, data, weight_decay=0.0, solver_settings=LissaSettings(depth=50), cache_dir=tmp_path)
+    assert InfluenceEngine(model, data, weight_decay=0.0, solver="lissa", solver_settings=LissaSettings(depth=50),
+                           cache_dir=tmp_path).solver.settings.depth == 50
+
+
 def test_unconverged_solve_warns_records_and_strict_refuses(shapes_run, tmp_path, capsys):
     base = ["explain", "--checkpoint", str(shapes_run["checkpoint"]), "--train-size", "200", "--test-size", "20",
             "--index", "0", "--cache-dir", str(tmp_path / "cache"), "--solver", "cg", "--cg-maxiter", "1", "--params", "last"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
 from trainfluence.checkpoint import save_checkpoint

@@ -13,7 +13,6 @@ from trainfluence.data.source import TensorSource
 from trainfluence.influence import InfluenceEngine
 from trainfluence.internal import (binary_separation, class_essence, distributional_influence, keep_units, path_doi,
                                    top_units, unit_scores)
-from trainfluence.objective import FunctionalModel, Objective
 from trainfluence.saliency.targets import ClassTarget, ContrastTarget
 from trainfluence.validation import refit, example_losses
 

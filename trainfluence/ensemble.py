@@ -67,6 +67,10 @@ class EnsembleEngine:
     def reports(self) -> list[SolveReport]:
         return [r for m in self.members for r in m.reports]
 
+    def plan(self) -> str:
+        """The first member's plan; every member does the same work on its own model."""
+        return f"ensemble of {len(self.members)} models, each: " + self.first.plan()
+
     def describe(self) -> dict[str, Any]:
         return {**self.first.describe(), "ensemble": [m.model_id for m in self.members]}
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
+from .kfac import kronecker_modules
 from .objective import FunctionalModel, Objective
 from .projection import _block_generator
 
@@ -57,24 +58,8 @@ class FactoredLayer:
 
 def factored_layers(fm: FunctionalModel) -> list[FactoredLayer]:
     """The selected parameters' Linear and Conv2d layers (k_out, k_in not yet chosen: 0)."""
-    chosen, out = set(fm.names), []
-    for name, module in fm.module.named_modules():
-        weight, bias = (f"{name}.weight", f"{name}.bias") if name else ("weight", "bias")
-        if weight not in chosen:
-            continue
-        if isinstance(module, nn.Linear):
-            conv = None
-        elif isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
-                and not isinstance(module.padding, str):
-            conv = {"kernel_size": module.kernel_size, "dilation": module.dilation, "padding": module.padding,
-                    "stride": module.stride}
-        else:
-            continue
-        w = fm.params[weight]
-        has_bias = bias in chosen
-        out.append(FactoredLayer(name, weight, bias if has_bias else None, conv, w.shape[0],
-                                 w[0].numel() + int(has_bias), 0, 0))
-    return out
+    return [FactoredLayer(m.module, m.weight, m.bias, m.conv, fm.params[m.weight].shape[0],
+                          fm.params[m.weight][0].numel() + int(m.bias is not None), 0, 0) for m in kronecker_modules(fm)]
 
 
 def hooked_norms(fm: FunctionalModel) -> dict[str, tuple[str, str]]:
@@ -243,6 +228,11 @@ class FactoredProjector:
                 projected[n] = self._sketch_other(n, per[n].flatten(1))
         out = torch.cat([projected[name] for _, name, _ in self.slots], dim=1)
         return out.float(), losses.detach(), logits.detach()
+
+
+def layout_dim(layout: dict[str, list[int]]) -> int:
+    """Output coordinates of a layout: k_out·k_in per Kronecker layer, the width of every other parameter."""
+    return sum(int(np.prod(widths)) for widths in layout.values())
 
 
 def factored_layout(fm: FunctionalModel, k: int, energies: dict[str, float]) -> dict[str, list[int]]:

@@ -42,6 +42,36 @@ from .objective import FunctionalModel, Objective
 from .progress import bar
 
 
+@dataclass(frozen=True)
+class KroneckerModule:
+    """A Linear or Conv2d layer whose selected weight (and bias, if selected) has a Kronecker-factored gradient
+    Σₜ δₜ aₜᵀ — what K-FAC/EK-FAC and the factored projection both work on."""
+
+    module: str
+    weight: str
+    bias: str | None  # None when the bias is absent or not selected
+    conv: dict | None  # unfold arguments for a convolution; None for a linear layer
+
+
+def kronecker_modules(fm: FunctionalModel) -> list[KroneckerModule]:
+    """The Linear and Conv2d layers (plain zero-padded convolutions, one group) among the selected parameters."""
+    chosen, out = set(fm.names), []
+    for name, module in fm.module.named_modules():
+        weight, bias = (f"{name}.weight", f"{name}.bias") if name else ("weight", "bias")
+        if weight not in chosen:
+            continue
+        if isinstance(module, nn.Linear):
+            conv = None
+        elif isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+                and not isinstance(module.padding, str):
+            conv = {"kernel_size": module.kernel_size, "dilation": module.dilation, "padding": module.padding,
+                    "stride": module.stride}
+        else:
+            continue
+        out.append(KroneckerModule(name, weight, bias if bias in chosen else None, conv))
+    return out
+
+
 @dataclass
 class _Layer:
     module: str
@@ -85,20 +115,7 @@ class KroneckerCurvature:
     examples: int = 0
 
     def __post_init__(self) -> None:
-        chosen = set(self.fm.names)
-        for name, module in self.fm.module.named_modules():
-            weight, bias = (f"{name}.weight", f"{name}.bias") if name else ("weight", "bias")
-            if weight not in chosen:
-                continue
-            if isinstance(module, nn.Linear):
-                conv = None
-            elif isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
-                    and not isinstance(module.padding, str):
-                conv = {"kernel_size": module.kernel_size, "dilation": module.dilation, "padding": module.padding,
-                        "stride": module.stride}
-            else:
-                continue
-            self.layers.append(_Layer(name, weight, bias if bias in chosen else None, conv))
+        self.layers = [_Layer(m.module, m.weight, m.bias, m.conv) for m in kronecker_modules(self.fm)]
         covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
         self.diagonal = {n: torch.zeros(self.fm.params[n].shape, dtype=torch.float64) for n in self.fm.names if n not in covered}
 

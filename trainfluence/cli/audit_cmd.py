@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ..settings.audit import AuditSettings
 from ..settings.influence import InfluenceSettings, StoreSettings
-from ..progress import note
 from .common import add_checkpoint_args, add_device_arg, add_out_arg, load_checkpoint_and_data, prepare_out
 from .flags import add_settings, settings_from
 from .influence_args import add_influence_args, engine_from_args, solver_options
@@ -34,12 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt, train, test, device = load_checkpoint_and_data(args)
     out = prepare_out(args.out)
-    def engine():
-        made = engine_from_args(args, ckpt, train, device)
-        note(getattr(made, "first", made).plan())
-        return made
-
-    report = run_audit(ckpt, train, test, settings, engine, Path(out), device, arch=args.arch)
+    report = run_audit(ckpt, train, test, settings, lambda: engine_from_args(args, ckpt, train, device), Path(out),
+                       device, arch=args.arch)
     print(f"ranked {report['n']} training images by {report['rank_by']}")
     if report.get("gradient_store"):
         print(f"gradient store: {report['gradient_store']}")

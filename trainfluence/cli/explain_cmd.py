@@ -7,7 +7,6 @@ import argparse
 from ..errors import UserError
 from ..settings import Range
 from ..settings.influence import InfluenceSettings, StoreSettings
-from ..progress import note
 from .common import add_checkpoint_args, add_device_arg, add_out_arg, check_indices, load_checkpoint_and_data, prepare_out
 from .flags import alias, number, settings_from
 from .influence_args import add_influence_args, engine_from_args, solver_options
@@ -46,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     check_indices(args.index, len(data), "--index", f"the {args.split} split")
     out = prepare_out(args.out)
     engine = engine_from_args(args, ckpt, train, device)
-    note(getattr(engine, "first", engine).plan())
     report = explain(engine, train, data, args.index, min(args.top, len(train)), out, pixels=args.pixels)
     for item in report["explanations"]:
         t = item["test"]

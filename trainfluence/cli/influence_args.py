@@ -25,46 +25,42 @@ def add_influence_args(p: argparse.ArgumentParser) -> None:
         add_settings(p.add_argument_group(f"{name} solver"), cls, prefix=f"{name}-", dest_prefix=f"{name}__")
 
 
-def solver_options(args: argparse.Namespace, solver: str) -> dict[str, Any]:
-    """The chosen solver's flags; a flag of another solver is an error (it would be silently ignored).  With
-    ``--solver auto`` (resolved once the model is known) flags of at most one solver may be given."""
-    flagged = {}
-    for name, cls in SOLVER_SETTINGS.items():
-        mine = given(args, cls, dest_prefix=f"{name}__")
-        if mine:
-            flagged[name] = mine
-    for name, mine in flagged.items():
-        if name != solver and (solver != "auto" or len(flagged) > 1):
-            flag = "--" + name + "-" + next(iter(mine)).replace("_", "-")
-            raise UserError(f"{flag} applies to --solver {name}, but the solver is {solver}: drop it or pass --solver {name}")
-    return next(iter(flagged.values())) if solver == "auto" and flagged else flagged.get(solver, {})
+def solver_options(args: argparse.Namespace, solver: str) -> Any:
+    """The settings of the solver whose flags were given (None: none given, its defaults).  Flags of a solver other
+    than ``--solver`` are an error (they would be silently ignored); with ``--solver auto`` flags of one solver may
+    be given, and the engine refuses them if auto chooses another solver for the model."""
+    flagged = {name: mine for name, cls in SOLVER_SETTINGS.items() if (mine := given(args, cls, dest_prefix=f"{name}__"))}
+    wrong = [name for name in flagged if name != solver] if solver != "auto" else list(flagged)[1:]
+    if wrong:
+        flag = "--" + wrong[0] + "-" + next(iter(flagged[wrong[0]])).replace("_", "-")
+        raise UserError(f"{flag} applies to --solver {wrong[0]}, but the solver is {solver}: drop it or pass "
+                        f"--solver {wrong[0]}")
+    owner = next(iter(flagged), None)
+    return SOLVER_SETTINGS[owner](**flagged[owner]) if owner else None
 
 
 def engine_from_args(args: argparse.Namespace, ckpt: Any, train: Any, device: Any) -> Any:
-    """The engine the flags ask for — an ensemble when several --checkpoint are given."""
+    """The engine the flags ask for — an ensemble when several --checkpoint are given.  Its plan (the resolved
+    settings and the estimated cost) is printed before any long work starts."""
     from ..checkpoint import load_checkpoint
     from ..ensemble import EnsembleEngine
     from ..influence import InfluenceEngine
-
-    from ..influence import resolve_solver
-    from ..objective import FunctionalModel
+    from ..progress import note
 
     settings = settings_from(args, InfluenceSettings)
-    store = settings_from(args, StoreSettings)
     options = solver_options(args, settings.solver)
-    if settings.solver == "auto" and options:  # solver flags given with --solver auto: they must fit its choice
-        chosen = resolve_solver("auto", FunctionalModel(ckpt.model, store.params))
-        owner = next(n for n in SOLVER_SETTINGS if given(args, SOLVER_SETTINGS[n], dest_prefix=f"{n}__"))
-        if owner != chosen:
-            raise UserError(f"--{owner}-… flags were given, but --solver auto chose {chosen} for this model: pass "
-                            f"--solver {owner} to use {owner}")
-    options = dict(settings=settings, store=store, solver_settings=options, cache_dir=args.cache_dir, device=device)
+    options = dict(settings=settings, store=settings_from(args, StoreSettings), solver_settings=options,
+                   cache_dir=args.cache_dir, device=device)
     paths = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
     if len(paths) == 1:
-        return InfluenceEngine(ckpt, train, **options)
-    others = [load_checkpoint(p, device=device, arch=args.arch) for p in paths[1:]]
-    for other, path in zip(others, paths[1:]):
-        if (other.meta.arch, other.meta.classes, other.meta.image_size) != (ckpt.meta.arch, ckpt.meta.classes, ckpt.meta.image_size):
-            raise UserError(f"{path} is not a checkpoint of the same architecture and classes as {paths[0]}: an "
-                            "ensemble averages models of one kind")
-    return EnsembleEngine([ckpt, *others], train, **options)
+        engine = InfluenceEngine(ckpt, train, **options)
+    else:
+        others = [load_checkpoint(p, device=device, arch=args.arch) for p in paths[1:]]
+        for other, path in zip(others, paths[1:]):
+            if (other.meta.arch, other.meta.classes, other.meta.image_size) != (ckpt.meta.arch, ckpt.meta.classes,
+                                                                              ckpt.meta.image_size):
+                raise UserError(f"{path} is not a checkpoint of the same architecture and classes as {paths[0]}: an "
+                                "ensemble averages models of one kind")
+        engine = EnsembleEngine([ckpt, *others], train, **options)
+    note(engine.plan())
+    return engine

@@ -171,5 +171,9 @@ def solver_settings(name: str, given: object = None) -> object:
     elif isinstance(given, cls):
         settings = given
     else:
+        owners = [n for n, c in SOLVER_SETTINGS.items() if isinstance(given, c)]
+        if owners:  # e.g. --lissa-* flags with --solver auto, which chose another solver for this model
+            raise UserError(f"{type(given).__name__} (--{owners[0]}-… options) configure --solver {owners[0]}, but the "
+                            f"solver is {name}: pass --solver {owners[0]} (solver='{owners[0]}') or drop them")
         raise UserError(f"{name} settings must be a dict or {cls.__name__}, got {type(given).__name__}")
     return validate(settings, prefix=f"{name}-")

@@ -8,8 +8,8 @@ classic recursion), a scale s and minibatch estimates H_B (B ⊂ S):
 
 (With P = I and h = s·x this is the classic hⱼ = g + hⱼ₋₁ − H_B hⱼ₋₁/s, estimate h/s.)  It converges when the
 eigenvalues of P⁻¹H lie in (0, 2s); ``scale="auto"`` takes ``scale_factor`` × the largest.  Its error falls like
-(1 − μ/s)ʲ, μ the smallest eigenvalue of P⁻¹H — κ = s/μ steps per factor e.  EK-FAC lowers κ (about 80 against
-340 for MNIST logistic regression) but not to 1, so by default the recursion is accelerated with heavy-ball
+(1 − μ/s)ʲ, μ the smallest eigenvalue of P⁻¹H — κ = s/μ steps per factor e.  EK-FAC lowers κ (about 90 against
+460 for MNIST logistic regression, 5,000 images, damping 0.01: 60 Lanczos steps) but not to 1, so by default the recursion is accelerated with heavy-ball
 momentum (Polyak) once the steps are exact (with minibatches, momentum would amplify their noise by 1/(1 − β)):
 
     x_{j+1} = x_j + α P⁻¹(g − H x_j) + β (x_j − x_{j−1}),   α = 4/(√L + √μ)²,   β = ((√L − √μ)/(√L + √μ))²,

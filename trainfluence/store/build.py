@@ -198,17 +198,15 @@ def _open(model: nn.Module, source: ExampleSource, fm: FunctionalModel, objectiv
                           m.get("factored_layout"))
     computer = GradientComputer(fm, objective, settings.memory_budget)
     spec = projection_spec(settings)
-    x0, _ = source.tensors([0])
-    batch = computer.batch_size(x0[0].to(fm.device))
     if spec is not None and spec.kind == "kronecker":
-        from ..factored import FactoredProjector, factored_layout
+        from ..factored import factored_layout, layout_dim
 
         layout = factored_layout(fm, spec.dim, block_energies(fm, computer, source))
-        dim = FactoredProjector(fm, objective, layout, spec.seed).dim
-        return open_store(cache_dir, key, to_dict(settings), dim, FACTORED_BATCH, None, layout)
+        return open_store(cache_dir, key, to_dict(settings), layout_dim(layout), FACTORED_BATCH, None, layout)
     block_dims = projection_layout(spec, fm, computer, source) if spec else None
     dim = (sum(block_dims) if block_dims else spec.dim) if spec else fm.dim
-    return open_store(cache_dir, key, to_dict(settings), dim, batch, block_dims)
+    x0, _ = source.tensors([0])
+    return open_store(cache_dir, key, to_dict(settings), dim, computer.batch_size(x0[0].to(fm.device)), block_dims)
 
 
 __all__ = ["BuildReport", "build_store", "build_lock", "key_for", "parse_shard", "projection_layout", "projection_spec"]
