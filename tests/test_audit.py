@@ -60,13 +60,14 @@ def audited(shapes_run, tmp_path_factory):
                                weight_decay=ckpt.meta.weight_decay, cache_dir=out / "cache")
 
     report = run_audit(ckpt, train, test, AuditSettings(top=20, detail=2), engine, out / "report", torch.device("cpu"))
-    return {"report": report, "out": out / "report", "train": train}
+    return {"report": report, "out": out / "report", "train": train, "test": test, "checkpoint": shapes_run["checkpoint"]}
 
 
 def test_audit_finds_most_planted_flips(audited):
     m = audited["report"]["metrics"]
     assert audited["report"]["num_flipped"] == 400
     assert m["tracin"]["recall_at_10pct"] >= 0.8 and m["tracin"]["roc_auc"] >= 0.95
+    assert m["fused"]["recall_at_10pct"] >= 0.8 and m["aum"]["roc_auc"] >= 0.95 and audited["report"]["rank_by"] == "fused"
     assert m["self_influence"]["recall_at_10pct"] >= 0.8
     assert m["random"]["roc_auc"] == pytest.approx(0.5, abs=0.06)
     assert audited["report"]["suspects"][0]["is_flipped"]
@@ -123,3 +124,40 @@ def test_audit_cli_errors(capsys, shapes_run, tmp_path):
     assert_one_line_error(code, capsys.readouterr().err, "argument --score: invalid choice: 'vibes'")
     code = main(["audit", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
     assert_one_line_error(code, capsys.readouterr().err, "not found")
+
+
+def test_audit_estimates_the_noise_suggests_labels_and_marks_the_cut(audited, tmp_path):
+    """The suggested cut is the confident-learning estimate; suggestions are measured; marks reach explain pages."""
+    from trainfluence.audit import label_marks
+    from trainfluence.audit.review import mark_text
+    from trainfluence.explain import explain
+
+    report, out, train = audited["report"], audited["out"], audited["train"]
+    est = report["noise_estimate"]
+    assert est["true_rate"] == 0.1 and abs(est["rate"] - 0.1) <= 0.03, est
+    with (out / "suspects.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sum(int(r["within_cut"]) for r in rows) == est["count"]
+    assert all(int(r["within_cut"]) == (int(r["rank"]) <= est["count"]) for r in rows)
+    acc = report["suggestion_accuracy"]
+    assert acc["suggested_is_original"] >= 0.9, acc  # the model learnt the clean labels: it knows the originals
+    assert all(r["suggested_label"] != r["given_label"] for r in rows)
+    page = (out / "index.html").read_text()
+    assert "How many to review" in page and f"review the top <b>{est['count']}</b>" in page
+    marks = label_marks(train, report["review"])
+    assert sum(1 for m in marks.values() if m.get("planted_flip")) == 400
+    assert sum(1 for m in marks.values() if "suspect_rank" in m) == est["count"]
+    i = train.noise.indices[0]
+    assert mark_text(marks[i]).startswith(f"flip (was {train.classes[train.noise.original_labels[0]]})")
+    # every training image an explanation shows carries its mark, in the JSON, the table and the picture's caption
+    engine = InfluenceEngine(load_checkpoint(audited["checkpoint"]).model, train, solver="exact", params="last",
+                             damping=0.01, cache_dir=out.parent / "cache")
+    result = explain(engine, train, audited["test"], [0], 30, tmp_path, marks=marks)
+    shown = result["explanations"][0]["helpful"] + result["explanations"][0]["harmful"]
+    assert all(e["label_check"] == marks.get(e["index"], {}) for e in shown)
+    flagged = [mark_text(e["label_check"]) for e in shown if e["label_check"]]
+    html_page = (tmp_path / "index.html").read_text()
+    import html as html_lib
+
+    missing = [text for text in flagged if html_lib.escape(text) not in html_page]  # escaped: a class name is text
+    assert flagged and not missing, (missing, html_page[-3000:])

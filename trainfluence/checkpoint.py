@@ -43,6 +43,7 @@ class CheckpointMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)  # TrainConfig as a dict (to retrain the same way)
     run_id: str = ""  # one id per `train` run: TracIn never mixes checkpoints of different runs
+    dynamics: dict[str, Any] = field(default_factory=dict)  # this epoch's logits record (trainfluence.dynamics)
 
     @property
     def data_config(self) -> DataConfig:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .audit import AuditSettings, run_audit
+from .audit import AuditSettings, label_marks, run_audit
 from .checkpoint import load_checkpoint
 from .data import DataConfig, load_dataset
 from .explain import explain
@@ -86,12 +86,12 @@ def run_demo(out: Path, settings: DemoSettings, device: torch.device, cache_dir:
     right = torch.nonzero(pred == test_set.labels).flatten().tolist()
     half = settings.explain // 2
     chosen = (wrong[:half] + right)[: settings.explain]
-    explained = explain(engine, train_set, test_set, chosen, 8, out / "explain")
-    _stage(timings, "explain", t0)
-
-    t0 = time.perf_counter()
     audit = run_audit(ckpt, train_set, test_set, AuditSettings(top=40, detail=4), lambda: engine, out / "audit", device)
     _stage(timings, "audit", t0)
+
+    t0 = time.perf_counter()
+    explained = explain(engine, train_set, test_set, chosen, 8, out / "explain", marks=label_marks(train_set, audit["review"]))
+    _stage(timings, "explain", t0)
 
     t0 = time.perf_counter()
     sal = run_saliency(ckpt.model, test_set, right[: settings.saliency_images], list(settings.methods), "pred",

@@ -19,6 +19,7 @@ from .ensemble import EnsembleEngine
 from .influence import InfluenceEngine
 from .report import html
 from .files import write_json
+from .audit.review import mark_text
 from .report.figures import Panel, panel_grid, to_display
 from .settings import to_dict
 
@@ -30,23 +31,25 @@ MAGNITUDE_NOTE = ("Magnitude: removing a training image changes this test loss b
                   "(Pearson 0.99); for deep networks the ranking holds better than the size of the number.")
 
 
-def _entry(dataset: ImageDataset, index: int, score: float | None = None, n: int | None = None) -> dict[str, Any]:
+def _entry(dataset: ImageDataset, index: int, score: float | None = None, n: int | None = None,
+           marks: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     label = int(dataset.labels[index])
     entry: dict[str, Any] = {**dataset.describe_item(index), "label": label, "label_name": dataset.classes[label]}
     if score is not None:
         entry["score"] = float(score)
         if n:
             entry["predicted_loss_change_if_removed"] = -float(score) / n
-    if dataset.noise is not None:
-        entry["label_flipped"] = bool(index in set(dataset.noise.indices))
+    if marks is not None:
+        entry["label_check"] = marks.get(index, {})  # planted flip / audit suspect with its suggested label
     return entry
 
 
 def explain(engine: InfluenceEngine | EnsembleEngine, train: ImageDataset, test: ImageDataset, indices: list[int], top: int,
-            out: Path, *, pixels: bool = False) -> dict[str, Any]:
+            out: Path, *, pixels: bool = False, marks: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``top`` most helpful and harmful training images for each test index; writes JSON, PNGs and HTML into ``out``.
     With ``pixels``, each shown training image also gets its I_pert,loss map (which of its pixels, if changed,
-    would move the test loss most), drawn beside it."""
+    would move the test loss most), drawn beside it.  ``marks`` (from :func:`trainfluence.audit.label_marks`):
+    planted flips and audit suspects, noted under each training image they concern."""
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -64,8 +67,10 @@ def explain(engine: InfluenceEngine | EnsembleEngine, train: ImageDataset, test:
         item = {
             "test": {**_entry(test, t), "prediction": pred, "prediction_name": test.classes[pred],
                      "probability": float(probs[row, pred])},
-            "helpful": [_entry(train, int(i), s, len(train)) for i, s in zip(found.helpful_index[row], found.helpful_score[row])],
-            "harmful": [_entry(train, int(i), s, len(train)) for i, s in zip(found.harmful_index[row], found.harmful_score[row])],
+            "helpful": [_entry(train, int(i), s, len(train), marks)
+                        for i, s in zip(found.helpful_index[row], found.helpful_score[row])],
+            "harmful": [_entry(train, int(i), s, len(train), marks)
+                        for i, s in zip(found.harmful_index[row], found.harmful_score[row])],
             "figure": f"explain-{t}.png",
         }
         maps = None
@@ -99,8 +104,9 @@ def _figure(item: dict[str, Any], train: ImageDataset, test: ImageDataset, path:
     rows, labels = [head], ["test"]
     for kind, colour in (("helpful", "green"), ("harmful", "red")):
         shown = item[kind][:MAX_DRAWN]
-        rows.append([Panel(to_display(train.images[e["index"]]), f"#{e['index']} {e['label_name']}\n{e['score']:.3g}",
-                           color=colour) for e in shown])
+        rows.append([Panel(to_display(train.images[e["index"]]), f"#{e['index']} {e['label_name']}\n{e['score']:.3g}"
+                           + (f"\n{mark_text(e['label_check'])}" if e.get("label_check") else ""), color=colour)
+                     for e in shown])
         labels.append(kind)
         if maps is not None:
             rows.append([Panel(to_display(train.images[e["index"]]) * 0.6 + 0.2, "I_pert,loss", overlay=maps[e["index"]])
@@ -131,8 +137,11 @@ def _html(report: dict[str, Any], out: Path) -> None:
         parts.append(html.img(item["figure"], f"explanation of test image {t['index']}", "figure"))
         for kind in ("helpful", "harmful"):
             paths = any("path" in e for e in item[kind])
-            rows = [[e["index"], *([e.get("path", "")] if paths else []), e["label_name"], e["score"],
+            checks = any("label_check" in e for e in item[kind])
+            rows = [[e["index"], *([e.get("path", "")] if paths else []), e["label_name"],
+                     *([mark_text(e["label_check"])] if checks else []), e["score"],
                      e["predicted_loss_change_if_removed"]] for e in item[kind]]
             parts.append(f"<h3>Most {kind}</h3>" + html.table(["training index", *(["file"] if paths else []), "label",
+                                                                *(["label check"] if checks else []),
                                                                 "I_up,loss", "test-loss change if removed"], rows))
     html.write_page(out / "index.html", "trainfluence explain", "\n".join(parts))

@@ -25,6 +25,7 @@ from torch import nn
 from .checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from .data import ImageDataset
 from .data.noise import write_noise_record
+from .dynamics import MAX_ENTRIES, images_fingerprint, save_record
 from .errors import UserError
 from .files import write_json
 from .models import build_model, count_parameters
@@ -129,10 +130,16 @@ def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | No
     started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     write_noise_record(out, train_set)
     meta = start.meta if start is not None else None
+    keep_dynamics = n * train_set.num_classes <= MAX_ENTRIES
+    pixels = images_fingerprint(train_set.images) if keep_dynamics else ""
+    if not keep_dynamics and progress:
+        write(f"note: {n} examples x {train_set.num_classes} classes is too many to record training dynamics "
+              "(the audit's aum, forgetting and avg_loss scores will be unavailable)")
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
         lrs = []
+        seen = torch.zeros(n, train_set.num_classes, dtype=torch.float16) if keep_dynamics else None
         pbar = bar(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress)
         for b in pbar:
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -140,7 +147,10 @@ def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | No
             for group in opt.param_groups:
                 group["lr"] = lr
             lrs.append(lr)
-            loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+            logits = model(x_all[idx])
+            if seen is not None:  # the logits the step is taken from: free training dynamics
+                seen[idx.cpu()] = logits.detach().to("cpu", torch.float16)
+            loss = F.cross_entropy(logits, y_all[idx])
             if not torch.isfinite(loss):
                 raise UserError(f"training diverged at epoch {epoch} (loss {float(loss)}): lower --lr (now {cfg.lr})")
             opt.zero_grad(set_to_none=True)
@@ -168,6 +178,7 @@ def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | No
                        "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "schedule": cfg.schedule},
             metrics={k: v for k, v in record.items() if k != "epoch"},
             train_config=to_dict(cfg), run_id=run_id,
+            dynamics=save_record(out, epoch, seen.numpy(), pixels) if seen is not None else {},
         )
         state = {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                  "step": step, "history": history}

@@ -24,10 +24,11 @@ from ..settings import to_dict, validate
 from ..settings.audit import AuditSettings
 from .fix import fix_experiment
 from .metrics import all_metrics, ranking
+from .review import Review, label_marks, review
 from .report import plots, write_csv, write_html
 from .scores import SCORES, AuditContext, relabel_self_influence
 
-__all__ = ["AuditSettings", "run_audit"]
+__all__ = ["AuditSettings", "Review", "label_marks", "run_audit"]
 
 
 def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, settings: AuditSettings,
@@ -40,7 +41,7 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
                        settings.tracin_weights, settings.seed, arch)
 
     t0 = time.perf_counter()
-    probs = ctx.probs
+    ctx.probs  # the final model's probabilities, computed once (timed apart from the scores)
     timings["predict_s"] = time.perf_counter() - t0
     scores: dict[str, np.ndarray] = {}
     for name in settings.computed_scores:
@@ -49,15 +50,14 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
         timings[f"score_{name}_s"] = time.perf_counter() - t0
         write(f"audit: scored {len(train)} examples by {name} in {timings[f'score_{name}_s']:.1f} s")
     rank_by = settings.ranking_score
-    order = ranking(scores[rank_by])
-    top = order[: min(settings.top, len(order))]
-
-    # suggested labels: the model's prediction, and the label that would make the example least self-influential
     t0 = time.perf_counter()
-    suggested, suggested_prob = probs.argmax(1), probs.max(1)
-    si_table = relabel_self_influence(ctx.engine, top, train.num_classes)
+    rev = review(ctx, scores[rank_by])  # the ranking, the suggested cut and the suggested labels
+    order, estimate, suggested, suggested_prob = rev.order, rev.estimate, rev.suggested, rev.suggested_prob
+    top = order[: min(settings.top, len(order))]
+    si_table = relabel_self_influence(ctx.engine, top, train.num_classes)  # the least self-influential label
     si_suggested = {int(i): int(c) for i, c in zip(top, si_table.argmin(1))}
     timings["suggest_s"] = time.perf_counter() - t0
+    write(f"audit: estimated noise rate {estimate.rate:.1%} ({estimate.count} labels) from the {rev.probabilities}")
 
     t0 = time.perf_counter()
     related: dict[int, dict[str, list[dict[str, Any]]]] = {}
@@ -83,9 +83,19 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
     if engine is not None and engine.build_report is not None:
         report["gradient_store"] = "reused (no gradient pass)" if engine.build_report.reused else \
             f"built {engine.build_report.built_chunks} chunk(s)"
+    report["noise_estimate"] = {"rate": estimate.rate, "count": estimate.count, "probabilities": rev.probabilities,
+                                "top_pairs": estimate.top_pairs(train.classes),
+                                "method": "confident learning (per-class thresholds, calibrated confident joint)"}
     if flipped is not None:
         report["num_flipped"] = int(flipped.sum())
         report["metrics"] = {name: all_metrics(s, flipped) for name, s in scores.items()}
+        cut = order[: estimate.count]
+        found = cut[flipped[cut]]
+        report["noise_estimate"]["true_rate"] = float(flipped.mean())
+        report["suggestion_accuracy"] = {
+            "flipped_in_cut": int(len(found)),
+            "suggested_is_original": float((suggested[found] == truth[found]).mean()) if len(found) else None,
+            "all_flipped": float((suggested[flipped] == truth[flipped]).mean())}
         report["truth_note"] = f"{int(flipped.sum())} labels were flipped on purpose (planted noise): red frames mark them."
     else:
         report["truth_note"] = "No planted noise: no detection metrics (pass --label-noise to measure them)."
@@ -100,17 +110,19 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
         timings["fix_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    write_csv(out / "suspects.csv", order, train, scores, suggested, suggested_prob, si_suggested, truth)
-    plot_files = plots(out, scores, flipped) if flipped is not None else []
+    write_csv(out / "suspects.csv", order, train, scores, suggested, suggested_prob, si_suggested, truth, estimate.count)
+    plot_files = plots(out, scores, flipped, estimate.count) if flipped is not None else []
     suspects = [{"rank": r + 1, **train.describe_item(i), "given_label": train.classes[int(train.labels[i])],
                  "suggested_label": train.classes[int(suggested[i])], "suggested_probability": float(suggested_prob[i]),
-                 "self_influence_label": train.classes[si_suggested[int(i)]], "score": float(scores[rank_by][i]),
+                 "self_influence_label": train.classes[si_suggested[int(i)]],
+                 "score": float(scores[rank_by][i]), "within_cut": r < estimate.count,
                  **({"is_flipped": bool(flipped[i])} if flipped is not None else {})} for r, i in enumerate(top)]
     report["suspects"] = suspects
     report["notes"] = ctx.notes
     timings["write_s"] = time.perf_counter() - t0
     report["timings"] = timings
-    write_html(out, report, train, suspects, related, plot_files)
+    write_html(out, report, train, suspects, related, plot_files, label_marks(train, rev))
     write_json(out / "metrics.json", report)
+    report["review"] = rev  # not JSON (so after writing): for pages that mark training images (review.label_marks)
     write_noise_record(out, train)
     return report

@@ -12,19 +12,22 @@ from ..report import html
 from ..report.csvfile import write_csv as write_rows
 from ..report.figures import plt, save_figure, save_thumbnail
 from .metrics import recall_curve, roc_curve
+from .review import mark_text
 
 
 def write_csv(path: Path, order: np.ndarray, train: ImageDataset, scores: dict[str, np.ndarray], suggested: np.ndarray,
-              suggested_prob: np.ndarray, si_suggested: dict[int, int], truth: np.ndarray | None) -> None:
+              suggested_prob: np.ndarray, si_suggested: dict[int, int], truth: np.ndarray | None, cut: int) -> None:
+    """Every example in ranking order; ``within_cut`` = 1 for the first ``cut`` (the estimated number of wrong
+    labels: the suggested review)."""
     names = train.classes
-    head = ["rank", "index", *(["path"] if train.paths is not None else []), "given_label", "suggested_label",
+    head = ["rank", "index", *(["path"] if train.paths is not None else []), "within_cut", "given_label", "suggested_label",
             "suggested_probability", "self_influence_label", *scores,
             *(["is_flipped", "original_label"] if truth is not None else [])]
     labels = train.labels.numpy()
 
     def rows():
         for rank, i in enumerate(order, start=1):
-            row = [rank, int(i), *([train.paths[i]] if train.paths is not None else []), names[labels[i]],
+            row = [rank, int(i), *([train.paths[i]] if train.paths is not None else []), int(rank <= cut), names[labels[i]],
                    names[suggested[i]], f"{suggested_prob[i]:.6f}",
                    names[si_suggested[int(i)]] if int(i) in si_suggested else "",
                    *(f"{scores[s][i]:.8g}" for s in scores)]
@@ -35,17 +38,18 @@ def write_csv(path: Path, order: np.ndarray, train: ImageDataset, scores: dict[s
     write_rows(path, head, rows())
 
 
-def plots(out: Path, scores: dict[str, np.ndarray], flipped: np.ndarray) -> list[str]:
+def plots(out: Path, scores: dict[str, np.ndarray], flipped: np.ndarray, cut: int) -> list[str]:
     files = []
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, s in scores.items():
         x, y = recall_curve(s, flipped)
         ax.plot(100 * x, y, label=name)
     ax.plot([0, 100], [0, 1], "k:", label="random (diagonal)")
-    ax.axvline(100 * flipped.mean(), color="grey", lw=0.8, ls="--")
+    ax.axvline(100 * flipped.mean(), color="grey", lw=0.8, ls="--", label="true noise rate")
+    ax.axvline(100 * cut / len(flipped), color="tab:red", lw=0.8, ls=":", label="estimated (suggested cut)")
     ax.set_xlabel("% of training set inspected (in score order)")
     ax.set_ylabel("recall of flipped labels")
-    ax.set_xlim(0, 40)
+    ax.set_xlim(0, min(100, max(40, 150 * max(flipped.mean(), cut / len(flipped)))))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -75,12 +79,27 @@ def thumb(out: Path, train: ImageDataset, i: int) -> str:
 
 
 def write_html(out: Path, report: dict[str, Any], train: ImageDataset, suspects: list[dict[str, Any]],
-               related: dict[int, dict[str, list[dict[str, Any]]]], plot_files: list[str]) -> None:
+               related: dict[int, dict[str, list[dict[str, Any]]]], plot_files: list[str],
+               marks: dict[int, dict[str, Any]]) -> None:
     esc = html.esc
     rank_by = report["rank_by"]
     parts = [f"<h1>Mislabel audit: {esc(train.config.spec)} ({len(train)} training images)</h1>",
              f"<p class='muted'>Ranked by <b>{esc(rank_by)}</b>. Scores: higher = more suspicious. "
              f"{esc(report.get('truth_note', ''))}</p>"]
+    parts += [f"<p class='muted'>note: {esc(note)}</p>" for note in report.get("notes", [])]
+    est = report["noise_estimate"]
+    true_rate = f" (planted: {est['true_rate']:.1%})" if "true_rate" in est else ""
+    parts.append(f"<h2>How many to review</h2><p>Estimated noise rate <b>{est['rate']:.1%}</b>{esc(true_rate)}: "
+                 f"review the top <b>{est['count']}</b> of the ranking (the suggested cut, column within_cut of "
+                 f"suspects.csv). {esc(est['method'])} on the {esc(est['probabilities'])} probabilities.</p>")
+    if est["top_pairs"]:
+        parts.append("<p>Most likely confusions (given label → true label):</p>" + html.table(
+            ["given", "likely true", "examples", "share of the given class"],
+            [[p["given"], p["true"], p["examples"], f"{p['share_of_given']:.1%}"] for p in est["top_pairs"]]))
+    acc = report.get("suggestion_accuracy")
+    if acc and acc["suggested_is_original"] is not None:
+        parts.append(f"<p>Suggested labels: for {acc['flipped_in_cut']} planted flips within the cut, the suggestion is "
+                     f"the original label for <b>{acc['suggested_is_original']:.1%}</b> (all flips: {acc['all_flipped']:.1%}).</p>")
     metrics = report.get("metrics")
     if metrics:
         rows = [[name, m["roc_auc"], m["recall_at_10pct"], m["average_precision"], m["f1_at_num_flipped"]]
@@ -88,6 +107,8 @@ def write_html(out: Path, report: dict[str, Any], train: ImageDataset, suspects:
         parts.append(html.table(["score", "ROC AUC", "recall at 10% inspected", "average precision", "F1 at #flipped"], rows))
     parts.append(f"<h2>Top {len(suspects)} suspects</h2><div class='grid'>")
     for s in suspects:
+        if s["rank"] == est["count"] + 1:
+            parts.append(f"<div class='cut'>suggested cut: the {est['count']} above are the estimated wrong labels</div>")
         flip = " flip" if s.get("is_flipped") else ""
         note = " <span class='bad'>planted flip</span>" if s.get("is_flipped") else ""
         si = f"<br>self-influence: {esc(s['self_influence_label'])}" if s.get("self_influence_label") else ""
@@ -105,6 +126,8 @@ def write_html(out: Path, report: dict[str, Any], train: ImageDataset, suspects:
                 cells = "".join(f"<div class='card small'>{html.img(thumb(out, train, e['index']), 'training image ' + str(e['index']))}"
                                 f"<br>{esc(e['index'])}: {esc(e['label_name'])}"
                                 + (f"<br><span class='muted'>{esc(Path(e['path']).name)}</span>" if "path" in e else "")
+                                + (f"<br><span class='bad'>{esc(mark_text(marks.get(e['index'])))}</span>"
+                                   if e["index"] in marks else "")
                                 + f"<br>{e['score']:.3g}</div>" for e in rel[kind])
                 parts.append(f"<div class='row'><b style='width:70px'>{esc(kind)}</b>{cells}</div>")
     if plot_files:

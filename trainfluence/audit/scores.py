@@ -3,23 +3,27 @@
 The functions at the top take numpy arrays and return numpy (cleanlab's convention); :data:`SCORES` maps a name
 to a function of an :class:`AuditContext`, which supplies those arrays (and computes them once).
 
-* ``self_influence`` — ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) at the final checkpoint, by the influence engine (Koh & Liang 2017).
+Training dynamics (recorded by ``train`` at no extra cost, :mod:`trainfluence.dynamics`):
+
+* ``aum`` — −(area under the margin): −mean_t (z_t[y] − max_{c≠y} z_t[c]) over the epochs' minibatch logits
+  (Pleiss et al. 2020).
+* ``forgetting`` — forgetting events, learned → forgotten transitions between epochs (Toneva et al. 2019);
+  never-learned examples count T.
+* ``avg_loss`` — the loss averaged over the epochs' minibatch logits.
+
+From checkpoints and the influence engine:
+
 * ``tracin`` — Σₜ ηₜ ‖∇ℓₜ(z)‖² over the saved epoch checkpoints (Pruthi et al. 2020, TracIn-CP self-influence),
   with ηₜ the learning rate of epoch t.  ``space="logits"`` (default) takes the gradient at the model's outputs,
   ∇_f ℓ = softmax(f) − onehot(y) for cross-entropy — the part of every parameter gradient that depends on the
-  label; ``space="params"`` the gradient over the selected parameters, which also carries each image's feature
-  magnitudes (measured to rank flips less well, BENCHMARKS.md).
+  label; ``space="params"`` the gradient over the selected parameters.
+* ``self_influence`` — ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) at the final checkpoint, by the influence engine (Koh & Liang 2017).
 * ``loss`` — ℓ(z) = −log p_y at the final checkpoint;  ``margin`` — max_{c≠y} p_c − p_y;  ``random``.
 
-The default is ``tracin`` in logit space because it measured best across training regimes (BENCHMARKS.md,
-MNIST with 10% flips): after 3 epochs it finds 95.5% of the flips in the top 10% (ROC AUC 0.9986), a little
-below the final loss (96.9%, 0.9990); after 20 epochs, when the network has memorised the wrong labels, it still
-finds 97.6% (0.9993) while the final loss finds 55% (0.913) and confident learning 91.6% (0.996) — a checkpoint
-sum remembers how hard each label was to fit, the final model alone does not.
-Weighting the checkpoints equally (``tracin_weights="uniform"``, ``--tracin-weights uniform``) instead of by
-ηₜ finds 96.3% after 3 epochs and 97.5% after 20 (same models, BENCHMARKS.md): better when training is short
-(ηₜ gives the least trained checkpoints the most weight), equal within a seed's spread when it is long. ηₜ stays
-the default because it is TracIn's definition.
+``fused`` (the default ranking) averages the normalised ranks of :data:`FUSED` — the combination chosen by
+scripts/bench_mislabel.py over noise kinds, rates and training lengths (BENCHMARKS.md "bench:mislabel"):
+rank averaging needs no calibration between scores of different units, and a signal that collapses in one
+regime (the final loss once the network has memorised the flips) is outvoted by those that do not.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch
 
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import ImageDataset
+from ..dynamics import Dynamics, images_fingerprint, load_record
+from ..errors import UserError
 from ..gradients import GradientComputer
 from ..influence import InfluenceEngine
 from ..objective import FunctionalModel, Objective
@@ -58,7 +64,16 @@ def tracin_score(squared_norms: np.ndarray, learning_rates: np.ndarray) -> np.nd
 
 
 def random_score(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random(n)
+    """Uniform noise from its own stream: salted, so the same seed as the planted noise's draws no correlated
+    numbers (with one plain seed, instance noise's Gumbel keys and these were monotone in each other)."""
+    return np.random.default_rng([seed, 0x72616E64]).random(n)
+
+
+def rank_average(*scores: np.ndarray) -> np.ndarray:
+    """Mean over ``scores`` of each example's normalised rank in (0, 1] (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return np.mean([rankdata(np.asarray(s, dtype=np.float64)) / len(s) for s in scores], axis=0)
 
 
 # ---- what the scores need, computed once ----------------------------------------------------------------
@@ -100,6 +115,8 @@ class AuditContext:
     _probs: np.ndarray | None = field(default=None, repr=False)
     _engine: InfluenceEngine | None = field(default=None, repr=False)
     _tracin_norms: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _dynamics: Dynamics | None = field(default=None, repr=False)
+    _problems: dict[str, str | None] = field(default_factory=dict, repr=False)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -117,6 +134,40 @@ class AuditContext:
         if self._engine is None:
             self._engine = self.engine_factory()
         return self._engine
+
+    @property
+    def dynamics(self) -> Dynamics:
+        """The run's training-dynamics records (every epoch checkpoint of the run, in order), read once."""
+        if self._dynamics is None:
+            paths, notes = run_checkpoints(self.checkpoint)
+            metas = [self.checkpoint.meta if p == self.checkpoint.path else load_checkpoint(p, arch=self.arch).meta
+                     for p in paths]
+            if not metas or not all(m.dynamics for m in metas):
+                raise UserError(f"no training dynamics beside {self.checkpoint.path}: the aum, forgetting and avg_loss "
+                                "scores need the epoch-E.pt checkpoints and logits that `trainfluence train` writes "
+                                "(retrain, or choose other --score names)")
+            ctx_notes = [n for n in notes if n not in self.notes]
+            self.notes.extend(ctx_notes)
+            n, k = len(self.train), self.train.num_classes
+            pixels = images_fingerprint(self.train.images)
+            logits = np.stack([load_record(p.parent, m.dynamics, n, k, pixels) for p, m in zip(paths, metas)])
+            self._dynamics = Dynamics(logits, self.labels)
+        return self._dynamics
+
+    @property
+    def dynamics_problem(self) -> str | None:
+        """Why the training dynamics cannot be read (None when they can); tried once."""
+        if "dynamics" not in self._problems:
+            try:
+                self.dynamics
+                self._problems["dynamics"] = None
+            except UserError as exc:
+                self._problems["dynamics"] = str(exc)
+        return self._problems["dynamics"]
+
+    @property
+    def has_dynamics(self) -> bool:
+        return self.dynamics_problem is None
 
     @property
     def engine_used(self) -> InfluenceEngine | None:
@@ -158,7 +209,27 @@ def _tracin(ctx: AuditContext) -> np.ndarray:
     return tracin_score(norms, lrs if ctx.tracin_weights == "lr" else np.ones_like(lrs))
 
 
+#: the signals ``fused`` averages (chosen by scripts/bench_mislabel.py; see the module docstring)
+FUSED = ("aum", "tracin")
+
+
+def _fused(ctx: AuditContext) -> np.ndarray:
+    problem = ctx.dynamics_problem
+    names = [name for name in FUSED if problem is None or name not in DYNAMICS_SCORES] or ["tracin"]
+    if problem is not None:
+        note = f"fused: averaged {', '.join(names)} only, without training dynamics ({problem})"
+        if note not in ctx.notes:
+            ctx.notes.append(note)
+    return rank_average(*(SCORES[name](ctx) for name in names))
+
+
+DYNAMICS_SCORES = ("aum", "forgetting", "avg_loss")
+
 SCORES: dict[str, Callable[[AuditContext], np.ndarray]] = {
+    "fused": _fused,
+    "aum": lambda ctx: -ctx.dynamics.aum(),
+    "forgetting": lambda ctx: ctx.dynamics.forgetting(),
+    "avg_loss": lambda ctx: ctx.dynamics.avg_loss(),
     "tracin": _tracin,
     "self_influence": _self_influence,
     "loss": lambda ctx: loss_score(ctx.probs, ctx.labels),
@@ -177,5 +248,5 @@ def relabel_self_influence(engine: InfluenceEngine, indices: np.ndarray, num_cla
     return out
 
 
-__all__ = ["SCORES", "AuditContext", "loss_score", "margin_score", "tracin_score", "random_score",
+__all__ = ["FUSED", "SCORES", "AuditContext", "rank_average", "loss_score", "margin_score", "tracin_score", "random_score",
            "relabel_self_influence", "run_checkpoints", "squared_gradient_norms"]

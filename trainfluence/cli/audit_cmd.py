@@ -16,7 +16,11 @@ HELP = "rank training examples as likely label errors, suggest labels, measure a
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help=HELP, description=HELP + ". Writes suspects.csv, metrics.json and index.html. "
-                       "The tracin score reads the epoch-E.pt checkpoints of the same run beside --checkpoint.")
+                       "The default ranking, fused, averages the ranks of the signals that measured best across noise "
+                       "kinds, rates and training lengths (BENCHMARKS.md). aum, forgetting and avg_loss read the "
+                       "training dynamics (epoch-E.logits.npy) and tracin the epoch-E.pt checkpoints that `train` "
+                       "writes beside --checkpoint. How many to review is estimated by confident learning on the "
+                       "epoch-averaged probabilities: the suggested cut (within_cut in suspects.csv).")
     add_checkpoint_args(p, several=True)
     add_settings(p.add_argument_group("audit"), AuditSettings)
     add_out_arg(p, "runs/audit")
@@ -36,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
     report = run_audit(ckpt, train, test, settings, lambda: engine_from_args(args, ckpt, train, device), Path(out),
                        device, arch=args.arch)
     print(f"ranked {report['n']} training images by {report['rank_by']}")
+    est = report["noise_estimate"]
+    print(f"estimated noise rate {est['rate']:.1%}: review the top {est['count']} (the suggested cut)"
+          + (f"; planted {est['true_rate']:.1%}" if "true_rate" in est else ""))
+    acc = report.get("suggestion_accuracy")
+    if acc and acc["suggested_is_original"] is not None:
+        print(f"suggested labels restore the original for {acc['suggested_is_original']:.1%} of the "
+              f"{acc['flipped_in_cut']} planted flips within the cut")
+    for note in report["notes"]:
+        print(f"note: {note}")
     if report.get("gradient_store"):
         print(f"gradient store: {report['gradient_store']}")
     if "metrics" in report:

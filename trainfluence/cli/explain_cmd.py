@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("explain needs --index I [I ...]: the images of --split to explain")
     solver_options(args, settings_from(args, InfluenceSettings).solver)
     settings_from(args, StoreSettings)
+    from ..audit.review import default_review, label_marks
     from ..explain import explain
 
     ckpt, train, test, device = load_checkpoint_and_data(args)
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     check_indices(args.index, len(data), "--index", f"the {args.split} split")
     out = prepare_out(args.out)
     engine = engine_from_args(args, ckpt, train, device)
-    report = explain(engine, train, data, args.index, min(args.top, len(train)), out, pixels=args.pixels)
+    rev = default_review(ckpt, train, device, args.arch)  # mark suspects (and planted flips) wherever shown
+    marks = label_marks(train, rev)
+    report = explain(engine, train, data, args.index, min(args.top, len(train)), out, pixels=args.pixels, marks=marks)
     for item in report["explanations"]:
         t = item["test"]
         print(f"{args.split} #{t['index']} ({t['label_name']}, predicted {t['prediction_name']} {t['probability']:.2f}):")
@@ -54,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     store = engine.build_report
     print(f"gradient store{'s' if len(args.checkpoint) > 1 else ''} {store.store.root}: " +
           ("reused (no gradient pass)" if store.reused else f"built {store.built_chunks} chunk(s)"))
+    shown = {e["index"] for item in report["explanations"] for kind in ("helpful", "harmful") for e in item[kind]}
+    flagged = sum(1 for i in shown if i in marks)
+    print(f"label check: {flagged} of the {len(shown)} training images shown are planted flips or audit suspects "
+          f"(the audit's default ranking, top {rev.estimate.count}); marked on the pages")
     print(f"wrote {out / 'influence.json'}, {len(report['explanations'])} PNG grid(s) and {out / 'index.html'}")
     return 0
 

@@ -60,7 +60,8 @@ def load_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
     labels, noise, clean = raw.labels, None, None
     if split == "train" and config.label_noise:
         clean = raw.labels
-        labels, noise = flip_labels(raw.labels, len(raw.classes), config.label_noise, config.noise_seed)
+        labels, noise = flip_labels(raw.labels, len(raw.classes), config.label_noise, config.noise_seed,
+                                   config.noise_kind, raw.images)
     return ImageDataset(
         images=raw.images, labels=labels, classes=raw.classes, mean=tuple(raw.mean), std=tuple(raw.std),
         config=config, split=split, index=np.arange(n), boxes=raw.boxes, masks=raw.masks, noise=noise,

@@ -29,6 +29,7 @@ class NoiseRecord:
     indices: list[int]  # positions in the dataset, sorted
     original_labels: list[int]
     noisy_labels: list[int]
+    kind: str = "uniform"  # uniform | asymmetric | instance (trainfluence.data.noise)
 
 
 @dataclass(eq=False)

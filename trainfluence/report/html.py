@@ -16,7 +16,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em} td,th{border:1px so
 th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:10px} .card{width:150px;font-size:.8em;text-align:center}
 .card img{width:96px;height:96px;image-rendering:pixelated;border:3px solid #ccc}
-.card.flip img{border-color:#d33} .muted{color:#777} .figure{max-width:100%} .nav a{margin-right:1em}
+.card.flip img{border-color:#d33} .card.suspect img{border-color:#e90} .cut{width:100%;border-top:2px dashed #d33;color:#d33;font-size:.8em;padding-top:2px} .muted{color:#777} .figure{max-width:100%} .nav a{margin-right:1em}
 .small img{width:64px;height:64px} .row{display:flex;gap:6px;align-items:center;margin:4px 0}
 .bad{color:#c00} .good{color:#070} code{background:#f4f4f4;padding:1px 4px}
 """

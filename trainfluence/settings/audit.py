@@ -8,7 +8,7 @@ from ..errors import UserError
 from . import NONNEG_INT, POSITIVE_INT, option
 
 #: registered mislabel scores (implemented in :mod:`trainfluence.audit.scores`); the first is the default ranking
-SCORE_NAMES = ("tracin", "self_influence", "loss", "margin", "random")
+SCORE_NAMES = ("fused", "aum", "forgetting", "avg_loss", "tracin", "self_influence", "loss", "margin", "random")
 MAX_SHOWN = 1000  # suspects drawn as thumbnails at most (the CSV always lists every example)
 
 

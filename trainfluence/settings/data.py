@@ -10,7 +10,7 @@ from . import FRACTION, NONNEG_INT, Range, option, to_dict
 
 #: names a dataset spec may start with (the loaders are registered in :mod:`trainfluence.data`)
 DATASET_NAMES = ("shapes", "mnist", "fashion-mnist", "cifar10", "folder")
-NOISE_KINDS = ("uniform",)
+NOISE_KINDS = ("uniform", "asymmetric", "instance")  # planted by trainfluence.data.noise
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -41,6 +41,9 @@ class DataConfig:
     label_noise: float = option(0.0, "flip exactly round(RATE*n) training labels on purpose (to measure an audit)",
                                 FRACTION)
     noise_seed: int = option(0, "seed of the flipped labels", NONNEG_INT)
+    noise_kind: str = option("uniform", "how labels flip: uniform (to any other class) | asymmetric (each class to its "
+                             "nearest class in pixel space) | instance (ambiguous images, to the class a reference "
+                             "model finds next most likely)", choices=NOISE_KINDS)
 
     def check(self) -> None:
         parse_spec(self.spec)

@@ -1,0 +1,76 @@
+"""How many labels to review: the noise rate and each class pair's flip rate, by confident learning.
+
+Confident learning (Northcutt, Jiang & Chuang 2021), written with numpy.  Given labels ỹ and predicted
+probabilities p (n × K) that were not fit to memorise the labels:
+
+1. per-class thresholds  t_j = mean of p_j(x) over the examples labelled j  (the model's average self-confidence);
+2. the confident joint   C[i, j] = #{x : ỹ = i, j = argmax_{k : p_k(x) ≥ t_k} p_k(x)}  (examples with no class
+   above its threshold are not counted);
+3. calibrated            Q[i, j] = C[i, j] / Σ_k C[i, k] · n_i / n,  n_i = #{ỹ = i}  (rows sum to the label prior);
+4. the noise rate        ρ = Σ_{i≠j} Q[i, j]   — the suggested number to review is round(ρ · n);
+   the flip rate of the pair (true j → given i) is P(true = j | given = i) = Q[i, j] / Σ_k Q[i, k].
+
+Which probabilities: the audit passes the epoch-averaged probabilities of the training dynamics (each epoch's
+minibatch forward, before that example's step) — out of reach of the final model's memorisation.  The accuracy
+of this estimate against planted noise is measured in BENCHMARKS.md ("bench:mislabel").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class NoiseEstimate:
+    rate: float  # estimated fraction of wrong labels
+    count: int  # round(rate · n): how many of the ranking to review
+    joint: np.ndarray  # [K, K] Q[given, true], sums to 1
+    thresholds: np.ndarray  # [K] per-class t_j
+
+    def flip_rates(self) -> np.ndarray:
+        """[K, K]: P(true = j | given = i) (rows sum to 1 where the class occurs)."""
+        rows = self.joint.sum(1, keepdims=True)
+        return np.divide(self.joint, rows, out=np.zeros_like(self.joint), where=rows > 0)
+
+    def top_pairs(self, classes: list[str], limit: int = 10) -> list[dict[str, object]]:
+        """The largest off-diagonal entries: given label, likely true label, examples, share of the given class."""
+        q = self.joint.copy()
+        np.fill_diagonal(q, 0)
+        n = self.count / self.rate if self.rate > 0 else 0
+        rates = self.flip_rates()
+        order = np.argsort(-q, axis=None, kind="stable")[:limit]
+        return [{"given": classes[i], "true": classes[j], "examples": int(round(q[i, j] * n)),
+                 "share_of_given": float(rates[i, j])}
+                for i, j in (np.unravel_index(o, q.shape) for o in order) if q[i, j] > 0]
+
+
+def estimate_noise(labels: np.ndarray, probs: np.ndarray) -> NoiseEstimate:
+    """Confident-learning estimate of the label-noise rate (module docstring)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    n, k = probs.shape
+    if labels.shape != (n,) or n == 0:
+        raise ValueError(f"labels {labels.shape} must match probabilities {probs.shape}")
+    prior = np.bincount(labels, minlength=k).astype(np.float64)
+    thresholds = np.array([probs[labels == j, j].mean() if prior[j] else np.inf for j in range(k)])
+    above = probs >= thresholds[None, :]
+    confident = np.where(above, probs, -np.inf)
+    counted = above.any(1)
+    guess = confident.argmax(1)
+    joint = np.zeros((k, k))
+    np.add.at(joint, (labels[counted], guess[counted]), 1.0)
+    rows = joint.sum(1, keepdims=True)
+    joint = np.divide(joint, rows, out=np.zeros_like(joint), where=rows > 0) * (prior / n)[:, None]
+    rate = float(joint.sum() - np.trace(joint))
+    return NoiseEstimate(rate, int(round(rate * n)), joint, thresholds)
+
+
+def suggest_labels(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """For each example the most likely class other than its given label (what to relabel a suspect to)."""
+    p = np.array(probs, dtype=np.float64, copy=True)
+    p[np.arange(len(labels)), labels] = -np.inf
+    return p.argmax(1)
+
+
+__all__ = ["NoiseEstimate", "estimate_noise", "suggest_labels"]
