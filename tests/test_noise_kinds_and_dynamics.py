@@ -112,3 +112,25 @@ def test_confident_learning_recovers_a_planted_rate_and_its_pairs():
     assert {(p["given"], p["true"]) for p in est.top_pairs(list("abcd"))} == {("b", "a"), ("c", "b"), ("d", "c"), ("a", "d")}
     suggested = suggest_labels(given, probs)
     assert (suggested != given).all() and (suggested[flip] == true[flip]).all()
+
+
+def test_early_learning_finds_the_least_memorised_epoch_and_measures_memorisation():
+    from trainfluence.audit.scores import FUSED_FINAL, FUSED_MEMORISED, early_learning, fused_names
+
+    rng = np.random.default_rng(1)
+    n, k = 1500, 5
+    true = rng.integers(0, k, n)
+    flip = rng.random(n) < 0.2
+    given = np.where(flip, (true + 1 + rng.integers(0, k - 1, n)) % k, true)
+    knows = np.full((n, k), 0.05)
+    knows[np.arange(n), true] = 0.8  # early learning: the model predicts the true class
+    memorised = np.full((n, k), 0.05)
+    memorised[np.arange(n), given] = 0.8  # later: it predicts the given (wrong) label
+    untrained = rng.dirichlet(np.ones(k), n)
+    stack = np.stack([untrained, knows, 0.5 * (knows + memorised), memorised])
+    el = early_learning(given, stack, memorised)
+    assert el.epoch == 1 and el.estimate.rate == pytest.approx(flip.mean(), abs=1e-12)
+    assert el.rates[3] == 0.0 and el.rates[1] > el.rates[2]  # half memorised: the flips no longer stand out
+    assert (el.estimate.flagged == flip).all()
+    assert el.memorised == 1.0 and fused_names(el.memorised) == FUSED_MEMORISED
+    assert early_learning(given, stack, knows).memorised == 0.0 and fused_names(0.0) == FUSED_FINAL

@@ -34,15 +34,20 @@ class Review:
 
 
 def review(ctx: AuditContext, scores: np.ndarray) -> Review:
-    """Order by ``scores``; estimate the noise and suggest labels from the epoch-averaged probabilities of the
-    training dynamics when the run recorded them (less memorised than the final model's), else the final model's."""
+    """Order by ``scores``.  With the run's training dynamics: the noise estimate of the least memorised epoch
+    (:func:`~trainfluence.audit.estimate.least_memorised_epoch`) and labels suggested from the probabilities
+    averaged over the epochs (the most accurate suggestions in the benchmark); without: both from the final
+    model, which underestimates the noise once it has memorised (said in the report)."""
     if ctx.has_dynamics:
-        probs, source = ctx.dynamics.mean_probs(), "training dynamics (mean over epochs)"
+        el = ctx.early_learning
+        estimate = el.estimate
+        probs = ctx.dynamics.mean_probs()
+        source = f"training dynamics, epoch {el.epoch + 1} of {len(el.rates)} (the least memorised)"
     else:
-        probs, source = ctx.probs, "final model"
+        probs, source = ctx.probs, "final model (no training dynamics: an underestimate if it memorised)"
+        estimate = estimate_noise(ctx.labels, probs)
     suggested = suggest_labels(ctx.labels, probs)
-    return Review(ranking(scores), estimate_noise(ctx.labels, probs), suggested,
-                  probs[np.arange(len(suggested)), suggested], source)
+    return Review(ranking(scores), estimate, suggested, probs[np.arange(len(suggested)), suggested], source)
 
 
 def _no_engine():

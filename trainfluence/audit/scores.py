@@ -37,6 +37,7 @@ import torch
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import ImageDataset
 from ..dynamics import Dynamics, images_fingerprint, load_record
+from .estimate import NoiseEstimate, estimate_noise, least_memorised_epoch
 from ..errors import UserError
 from ..gradients import GradientComputer
 from ..influence import InfluenceEngine
@@ -102,6 +103,31 @@ def squared_gradient_norms(model: torch.nn.Module, data: ImageDataset, space: st
 
 
 @dataclass
+class EarlyLearning:
+    """Where the run stood before it memorised: the least memorised epoch t (0-based), every epoch's noise
+    estimate, the estimate at t, and ``memorised``: the share of the labels flagged at t that the final model
+    now predicts (near 0: it never learnt them; near 1: it memorised them)."""
+
+    epoch: int
+    rates: list[float]
+    estimate: NoiseEstimate
+    memorised: float
+
+
+def early_learning(labels: np.ndarray, probs_per_epoch: np.ndarray, final_probs: np.ndarray) -> EarlyLearning:
+    """:class:`EarlyLearning` from each epoch's [T, n, K] probabilities and the final model's [n, K]."""
+    t, rates = least_memorised_epoch(labels, probs_per_epoch)
+    est = estimate_noise(labels, probs_per_epoch[t])
+    agree = final_probs.argmax(1)[est.flagged] == labels[est.flagged]
+    return EarlyLearning(t, rates, est, float(agree.mean()) if len(agree) else 0.0)
+
+
+def fused_names(memorised: float) -> tuple[str, ...]:
+    """The signals ``fused`` averages, given the share of flagged labels the final model memorised."""
+    return FUSED_MEMORISED if memorised >= MEMORISED else FUSED_FINAL
+
+
+@dataclass
 class AuditContext:
     checkpoint: Checkpoint
     train: ImageDataset
@@ -117,6 +143,7 @@ class AuditContext:
     _tracin_norms: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     _dynamics: Dynamics | None = field(default=None, repr=False)
     _problems: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _early: EarlyLearning | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -153,6 +180,13 @@ class AuditContext:
             logits = np.stack([load_record(p.parent, m.dynamics, n, k, pixels) for p, m in zip(paths, metas)])
             self._dynamics = Dynamics(logits, self.labels)
         return self._dynamics
+
+    @property
+    def early_learning(self) -> EarlyLearning:
+        """:class:`EarlyLearning` from the training dynamics (computed once)."""
+        if self._early is None:
+            self._early = early_learning(self.labels, self.dynamics.probabilities(), self.probs)
+        return self._early
 
     @property
     def dynamics_problem(self) -> str | None:
@@ -209,17 +243,28 @@ def _tracin(ctx: AuditContext) -> np.ndarray:
     return tracin_score(norms, lrs if ctx.tracin_weights == "lr" else np.ones_like(lrs))
 
 
-#: the signals ``fused`` averages (chosen by scripts/bench_mislabel.py; see the module docstring)
-FUSED = ("aum", "tracin")
+#: ``fused``: the signals averaged when the final model has not memorised the flagged labels, and when it has
+FUSED_FINAL = ("loss", "margin")
+FUSED_MEMORISED = ("aum", "tracin")
+MEMORISED = 0.5  # share of the flagged labels the final model predicts, above which it counts as memorised
 
 
 def _fused(ctx: AuditContext) -> np.ndarray:
     problem = ctx.dynamics_problem
-    names = [name for name in FUSED if problem is None or name not in DYNAMICS_SCORES] or ["tracin"]
     if problem is not None:
-        note = f"fused: averaged {', '.join(names)} only, without training dynamics ({problem})"
+        note = f"fused: ranked by tracin alone, without training dynamics ({problem})"
         if note not in ctx.notes:
             ctx.notes.append(note)
+        return rank_average(SCORES["tracin"](ctx))
+    el = ctx.early_learning
+    names = fused_names(el.memorised)
+    memorised = names == FUSED_MEMORISED
+    note = (f"fused: the final model predicts {el.memorised:.0%} of the {int(el.estimate.flagged.sum())} labels the "
+            f"training dynamics flag at epoch {el.epoch + 1} (the least memorised) — "
+            + ("it memorised them: ranked by " if memorised else "it has not memorised them: ranked by ")
+            + " + ".join(names))
+    if note not in ctx.notes:
+        ctx.notes.append(note)
     return rank_average(*(SCORES[name](ctx) for name in names))
 
 
@@ -248,5 +293,5 @@ def relabel_self_influence(engine: InfluenceEngine, indices: np.ndarray, num_cla
     return out
 
 
-__all__ = ["FUSED", "SCORES", "AuditContext", "rank_average", "loss_score", "margin_score", "tracin_score", "random_score",
+__all__ = ["FUSED_FINAL", "FUSED_MEMORISED", "MEMORISED", "EarlyLearning", "SCORES", "early_learning", "fused_names", "AuditContext", "rank_average", "loss_score", "margin_score", "tracin_score", "random_score",
            "relabel_self_influence", "run_checkpoints", "squared_gradient_norms"]
