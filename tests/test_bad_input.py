@@ -155,6 +155,7 @@ BAD_FLAGS = [
     (["train", "--test-size", "0"], "argument --test-size"),
     (["train", "--image-size", "0"], "argument --image-size"),
     (["train", "--label-noise", "-0.1"], "argument --label-noise"),
+    (["train", "--noise-kind", "sideways"], "argument --noise-kind: invalid choice"),
     (["saliency", "--eval-size", "0"], "argument --eval-size"),
     (["internal", "--top", "0"], "argument --top"),
     (["explain", "--test-indx", "3"], "unknown option --test-indx (did you mean --index?)"),

@@ -58,3 +58,26 @@ def test_ivf_recall(store):
     part = GradientIndex(store, SearchSettings("ivf", nlist=16, nprobe=4)).search(queries, 10)
     r = recall_at_k(part.largest_index, exact.largest_index)
     assert 0.3 < r <= 1.0
+
+
+def test_stream_search_is_exact_in_bounded_memory(store, monkeypatch):
+    """stream reads the store block by block with a running top-k: the brute-force answer, no index file, and
+    what --index auto picks once the flat copy would exceed FLAT_MAX_BYTES."""
+    import trainfluence.search as search
+
+    matrix = store.read()
+    rng = np.random.default_rng(1)
+    queries = matrix[rng.choice(store.n, 3)] + 0.1 * rng.normal(size=(3, store.dim)).astype(np.float32) * matrix.std()
+    want = brute_force_top_k(matrix, queries, 25)
+    index = GradientIndex(store, SearchSettings("stream"))
+    index.rows_per_block = 97  # 16 blocks, the last one short: the merge is exercised
+    got = index.search(queries, 25)
+    np.testing.assert_allclose(got.largest_score, want.largest_score, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.smallest_score, want.smallest_score, rtol=1e-5, atol=1e-6)
+    assert recall_at_k(got.largest_index, want.largest_index) == 1.0
+    assert recall_at_k(got.smallest_index, want.smallest_index) == 1.0
+    assert not list(store.root.glob("index-stream-*"))
+    monkeypatch.setattr(search, "FLAT_MAX_BYTES", 4 * store.n * store.dim - 1)
+    assert GradientIndex(store).kind == "stream"
+    monkeypatch.setattr(search, "FLAT_MAX_BYTES", 4 * store.n * store.dim)
+    assert GradientIndex(store).kind == "flat"

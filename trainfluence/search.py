@@ -6,7 +6,10 @@ The index file lives beside the store (its name carries the store's content id, 
 one) with a SHA-256 beside it: an edited or truncated index is noticed and rebuilt, never silently used.  Queries
 must be finite, and faiss's "no result" (index −1) never reaches a caller.
 
-``flat`` (default) is exact (``IndexFlatIP``, float32; up to ``FEW_QUERIES`` queries are answered by one matrix
+``auto`` (default) is ``flat`` while its float32 copy of the store fits ``FLAT_MAX_BYTES`` (2 GiB: 131k rows at
+k = 4,096), else ``stream``.  ``stream`` keeps nothing in memory: each search reads the store's memory-mapped
+rows block by block (64 MB) and keeps a running top-k — exact, memory bounded by one block whatever n is, and
+slower (BENCHMARKS.md "bench:memory").  ``flat`` is exact (``IndexFlatIP``, float32; up to ``FEW_QUERIES`` queries are answered by one matrix
 product over its rows instead, one pass over memory for both lists); ``fp16`` is exhaustive over fp16 copies of the rows
 (``IndexScalarQuantizer``, half the memory and about twice as fast for a single query; exact up to fp16
 rounding, which is what an fp16 store holds anyway); ``ivf`` clusters the rows into ``nlist`` cells and
@@ -27,7 +30,7 @@ from .errors import UserError
 from .files import discard, save_verified, verified
 from .progress import bar, note
 from .settings import validate
-from .settings.influence import SearchSettings
+from .settings.influence import FLAT_MAX_BYTES, SearchSettings
 from .store import GradientStore
 
 #: up to this many queries, ``flat`` answers from one matrix product (one pass over the rows for both lists);
@@ -51,11 +54,14 @@ class GradientIndex:
     def __init__(self, store: GradientStore, settings: SearchSettings | None = None):
         store.require_complete()
         self.store, self.settings = store, validate(settings or SearchSettings())
-        self.index = self._load_or_build()
+        self.kind = self.settings.kind
+        self.rows_per_block: int | None = None  # stream: rows read per block (None: 64 MB of float32)
+        if self.kind == "auto":
+            self.kind = "flat" if 4 * store.n * store.dim <= FLAT_MAX_BYTES else "stream"
+        self.index = None if self.kind == "stream" else self._load_or_build()
 
     def _path(self) -> Path:
-        s = self.settings
-        name = f"ivf{self._nlist()}" if s.kind == "ivf" else s.kind
+        name = f"ivf{self._nlist()}" if self.kind == "ivf" else self.kind
         return self.store.root / f"index-{name}-{self.store.content_id()}.faiss"
 
     def _nlist(self) -> int:
@@ -71,9 +77,9 @@ class GradientIndex:
             note(f"faiss index {path.name} does not match its checksum (edited or truncated); rebuilding it")
             discard(path)
         d = self.store.dim
-        if self.settings.kind == "flat":
+        if self.kind == "flat":
             index: faiss.Index = faiss.IndexFlatIP(d)
-        elif self.settings.kind == "fp16":
+        elif self.kind == "fp16":
             index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
         else:
             quantizer = faiss.IndexFlatIP(d)
@@ -87,7 +93,7 @@ class GradientIndex:
         return self._configure(index)
 
     def _configure(self, index: faiss.Index) -> faiss.Index:
-        if self.settings.kind == "ivf":
+        if self.kind == "ivf":
             faiss.extract_index_ivf(index).nprobe = self.settings.nprobe
         return index
 
@@ -100,15 +106,34 @@ class GradientIndex:
         if k < 1:
             raise UserError(f"top-k needs k ≥ 1, got {k}")
         k = min(k, self.store.n)
-        if self.settings.kind == "flat" and len(q) <= FEW_QUERIES:
+        if self.kind == "stream":
+            return self._stream(q, k)
+        if self.kind == "flat" and len(q) <= FEW_QUERIES:
             return self._scan(q, k)
         scores, index = self.index.search(np.concatenate([q, -q]), k)
         if (index < 0).any() or not np.isfinite(scores).all():  # faiss's "no result": fewer hits than asked
-            raise UserError(f"the {self.settings.kind} index returned fewer than {k} results per query: use --index flat, "
+            raise UserError(f"the {self.kind} index returned fewer than {k} results per query: use --index flat, "
                             "or a larger --nprobe for ivf")
         m = len(q)
         return TopK(index[:m], scores[:m], index[m:], -scores[m:])
 
+
+    def _stream(self, q: np.ndarray, k: int) -> TopK:
+        """Exact top-k reading the store block by block: a running candidate set of k largest and k smallest per
+        query, merged with each block's scores (memory: one block and [m, block + k] scores)."""
+        m = len(q)
+        big_i = np.empty((m, 0), dtype=np.int64)
+        big_s = np.empty((m, 0), dtype=np.float32)
+        small_i, small_s = big_i, big_s
+        for start, block in self.store.iter_blocks(self.rows_per_block):
+            scores = q @ block.T
+            if not np.isfinite(scores).all():
+                raise UserError("the gradient store holds non-finite rows: delete the cache folder and build it again")
+            idx = np.broadcast_to(np.arange(start, start + len(block)), scores.shape)
+            big_i, big_s = _keep(np.concatenate([big_i, idx], 1), np.concatenate([big_s, scores], 1), k, largest=True)
+            small_i, small_s = _keep(np.concatenate([small_i, idx], 1), np.concatenate([small_s, scores], 1), k,
+                                     largest=False)
+        return TopK(big_i, big_s, small_i, small_s)
 
     def _scan(self, q: np.ndarray, k: int) -> TopK:
         """Exact top-k for a few queries from one matrix product over the flat index's own float32 rows (no copy):
@@ -122,6 +147,16 @@ class GradientIndex:
         small = np.argpartition(scores, k - 1, axis=1)[:, :k]
         small = np.take_along_axis(small, np.argsort(np.take_along_axis(scores, small, 1), axis=1, kind="stable"), 1)
         return TopK(big, np.take_along_axis(scores, big, 1), small, np.take_along_axis(scores, small, 1))
+
+
+def _keep(index: np.ndarray, scores: np.ndarray, k: int, *, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The k best columns per row of (index, scores), sorted (ties: lower training index first)."""
+    key = -scores if largest else scores
+    if key.shape[1] > k:
+        part = np.argpartition(key, k - 1, axis=1)[:, :k]
+        index, scores, key = (np.take_along_axis(a, part, 1) for a in (index, scores, key))
+    order = np.lexsort((index, key), axis=1)
+    return np.take_along_axis(index, order, 1), np.take_along_axis(scores, order, 1)
 
 
 def brute_force_top_k(matrix: np.ndarray, queries: np.ndarray, k: int) -> TopK:

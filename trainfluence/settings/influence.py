@@ -141,12 +141,17 @@ class InfluenceSettings:
                           "not a warning")
 
 
+FLAT_MAX_BYTES = 2 << 30  # --index auto: the flat index's float32 copy of the store above this → stream
+
+
 @dataclass
 class SearchSettings:
     """faiss top-k over the store."""
 
-    kind: str = option("flat", "flat (exact) | fp16 (exhaustive over fp16 rows) | ivf (approximate)",
-                       choices=("flat", "fp16", "ivf"), flag="index")
+    kind: str = option("auto", "auto: flat while its in-memory copy of the store fits FLAT_MAX_BYTES (2 GiB), else "
+                       "stream | flat (exact, the store in RAM as float32) | stream (exact, reads the store from disk "
+                       "block by block: memory bounded by one block whatever n is) | fp16 (exhaustive over fp16 "
+                       "rows) | ivf (approximate)", choices=("auto", "flat", "stream", "fp16", "ivf"), flag="index")
     nlist: int | None = option(None, "ivf cells; none: about 4·√n", Range(low=1, integer=True, none=True))
     nprobe: int = option(16, "ivf cells searched per query", POSITIVE_INT)
 

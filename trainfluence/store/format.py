@@ -177,9 +177,31 @@ class GradientStore:
                             "run `trainfluence cache` again to finish it")
 
     def read(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Gradients as float32 [m, d] (scale applied) for the given rows (all by default)."""
+        """Gradients as float32 [m, d] (scale applied) for the given rows (all by default).  A contiguous range is
+        read from the file (not through the memory map, whose touched pages would stay in this process's
+        resident set: a pass over a large store would look like holding all of it)."""
         sel = slice(None) if rows is None else rows
+        if not isinstance(sel, slice):
+            sel = np.asarray(sel)
+            if sel.ndim == 1 and len(sel) and (np.diff(sel) == 1).all():
+                sel = slice(int(sel[0]), int(sel[-1]) + 1)
+        if isinstance(sel, slice) and sel.step in (None, 1):
+            start, stop, _ = sel.indices(self.n)
+            return self._read_rows("grads", start, stop).astype(np.float32) * self._read_rows("scale", start, stop)[:, None]
         return self.array("grads")[sel].astype(np.float32) * self.array("scale")[sel][:, None]
+
+    def _read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of array ``name`` by a positioned read of its .npy file."""
+        arr = self.array(name)
+        per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
+        count = max(0, stop - start) * per_row
+        with open(self.root / f"{name}.npy", "rb") as f:
+            f.seek(arr.offset + start * per_row * arr.dtype.itemsize)
+            out = np.fromfile(f, dtype=arr.dtype, count=count)
+        if out.size != count:
+            raise CorruptStore(f"gradient store {self.root}: {name}.npy is shorter than its header says: delete the "
+                               "folder (or run `trainfluence cache` again, which rebuilds it)")
+        return out.reshape((stop - start, *arr.shape[1:]))
 
     def iter_blocks(self, rows_per_block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, float32 block)`` over all rows, RAM bounded by the block size."""
