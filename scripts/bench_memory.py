@@ -1,7 +1,8 @@
 """Peak memory of reading a gradient store, against n: a synthetic fp16 store (k = 4,096 columns, random rows,
 written through the real store format) at 60k and at 10×60k rows; each measurement in a fresh process, peak
-resident set from getrusage.
+resident set (VmHWM).
 
+The peak is VmHWM from /proc (getrusage's ru_maxrss would carry the parent's peak across fork and exec).
 Measured per store: a top-10 helpful/harmful query at ``--index auto`` (flat below 2 GiB of float32, stream
 above), at ``--index stream``, and one pass over every row (what whole-dataset self-influence and TracIn
 self-scores do: ``iter_blocks``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,13 +30,15 @@ from benchlib import table, update_section  # noqa: E402
 from trainfluence.store.format import open_store, store_key  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from trainfluence.store.format import GradientStore
 from trainfluence.search import GradientIndex, SearchSettings
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():  # VmHWM: this process's peak resident set (reset by exec, unlike getrusage's ru_maxrss)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 
 root, what = sys.argv[1], sys.argv[2]
 store = GradientStore(root)
@@ -79,12 +83,14 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
-    rows = []
+    results = Path("runs/bench_memory.json")
+    saved = json.loads(results.read_text()) if results.exists() else {}
     for n in args.n:
         work = Path(tempfile.mkdtemp(prefix="bench_memory_", dir=args.work))
         try:
             t0 = time.perf_counter()
             root = make_store(work, n, args.dim, args.chunk)
+            os.sync()  # the store's pages on disk, not dirty in memory, before anything is measured
             print(f"n={n}: store of {n * args.dim * 2 / 2**30:.2f} GiB written in {time.perf_counter() - t0:.0f} s", flush=True)
             for what in ("pass", "auto", "stream"):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(root), what], capture_output=True, text=True,
@@ -92,16 +98,22 @@ def main() -> None:
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 label = "one pass over every row (self-influence, TracIn self-scores)" if what == "pass" else \
                     f"top-10 query, --index {what} ({r['kind']})"
-                rows.append([f"{n:,}", f"{n * args.dim * 2 / 2**30:.2f}", label, f"{r['peak_mb']:,.0f}",
-                             f"{r['peak_mb'] - r['before_mb']:,.0f}", f"{1000 * r['seconds']:,.0f}"])
-                print(rows[-1], flush=True)
+                row = [f"{n:,}", f"{n * args.dim * 2 / 2**30:.2f}", label, f"{r['peak_mb']:,.0f}",
+                       f"{r['peak_mb'] - r['before_mb']:,.0f}", f"{1000 * r['seconds']:,.0f}", f"{os.getloadavg()[0]:.1f}"]
+                saved.setdefault(str(n), {})[what] = row
+                print(row, flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(saved))
+    rows = [row for n in sorted(saved, key=int) for row in saved[n].values()]
     body = ("### Peak memory against n (synthetic fp16 stores, k = 4,096)\n\n"
-            "Each row in a fresh process; peak resident set (getrusage) of the whole process and its growth during "
+            "Each row in a fresh process; peak resident set (VmHWM) of the whole process and its growth during "
             "the operation; time of one query (the second, warm) or of the pass. The store is read by positioned "
             "reads, block by block (64 MB of float32), never mapped whole.\n\n"
-            + table(["rows n", "store GiB", "operation", "peak RSS MB", "growth MB", "ms"], rows))
+            "Times are only comparable at a low load average (last column: 2 cores, so 2.0 means both busy with "
+            "other work; rows measured under load say so).\n\n"
+            + table(["rows n", "store GiB", "operation", "peak RSS MB", "growth MB", "ms", "load average"], rows))
     print(body)
     update_section("memory", body)
 
