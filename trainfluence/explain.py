@@ -105,7 +105,8 @@ def _figure(item: dict[str, Any], train: ImageDataset, test: ImageDataset, path:
     for kind, colour in (("helpful", "green"), ("harmful", "red")):
         shown = item[kind][:MAX_DRAWN]
         rows.append([Panel(to_display(train.images[e["index"]]), f"#{e['index']} {e['label_name']}\n{e['score']:.3g}"
-                           + (f"\n{mark_text(e['label_check'])}" if e.get("label_check") else ""), color=colour)
+                           + ("\n" + mark_text(e['label_check']).replace('; ', '\n') if e.get("label_check") else ""),
+                           color=colour)
                      for e in shown])
         labels.append(kind)
         if maps is not None:
