@@ -62,10 +62,9 @@ def cell_metrics(c: dict) -> dict:
     el = early_learning(labels, dyn.probabilities(), sources["final model"])
     out["estimates"]["least memorised epoch (default)"] = el.estimate.rate
     out["memorised"] = el.memorised
-    per_epoch = [estimate_noise(labels, p).rate for p in dyn.probabilities()]
+    per_epoch = el.rates
     per_ckpt = [estimate_noise(labels, p.astype(np.float64)).rate for p in c["checkpoint_probs"]]
     out["estimates"]["max over epochs ≥ 2 (minibatch)"] = max(per_epoch[1:] or per_epoch)
-    best_epoch = 1 + int(np.argmax(per_epoch[1:])) if len(per_epoch) > 1 else 0
     out["estimates"]["max over checkpoints"] = max(per_ckpt)
     out["estimates"]["first checkpoint"] = per_ckpt[0]
     if "cv_probs" in c:
@@ -77,7 +76,7 @@ def cell_metrics(c: dict) -> dict:
     hit = top[flipped[top]]
     out["suggest"] = {"dynamics, mean over epochs (default)": float((suggest_labels(labels, sources["dynamics, mean over epochs"])[hit] == c["clean"][hit]).mean()),
                       "final model": float((suggest_labels(labels, sources["final model"])[hit] == c["clean"][hit]).mean())}
-    out["suggest"]["epoch of the estimate"] = float((suggest_labels(labels, dyn.probabilities()[best_epoch])[hit] == c["clean"][hit]).mean())
+    out["suggest"]["epoch of the estimate"] = float((suggest_labels(labels, dyn.probabilities()[el.epoch])[hit] == c["clean"][hit]).mean())
     if "cv_probs" in c:
         out["suggest"]["out-of-fold (CV)"] = float((suggest_labels(labels, c["cv_probs"])[hit] == c["clean"][hit]).mean())
     out["meta"] = json.loads(str(c["meta"]))
@@ -152,47 +151,13 @@ def report(args) -> str:
     return "\n".join(head + lines)
 
 
-def _extra(c: dict) -> dict[str, np.ndarray]:
-    """Exploratory signals: the loss at the least memorised epoch (largest noise estimate after epoch 1)."""
-    labels = c["labels"]
-    dyn = Dynamics(c["logits"].astype(np.float32), labels)
-    P = dyn.probabilities()
-    rates = [estimate_noise(labels, p).rate for p in P]
-    t = 1 + int(np.argmax(rates[1:])) if len(rates) > 1 else 0
-    ck = c["checkpoint_probs"].astype(np.float64)
-    tc = int(np.argmax([estimate_noise(labels, p).rate for p in ck]))
-    # memorisation: of the labels confident learning flags at epoch t*, the share the final model now agrees with
-    p_t = P[t]
-    thr = np.array([p_t[labels == j, j].mean() for j in range(p_t.shape[1])])
-    above = p_t >= thr
-    guess = np.where(above, p_t, -np.inf).argmax(1)
-    flagged = above.any(1) & (guess != labels)
-    final = c["checkpoint_probs"][-1].astype(np.float64)
-    m = float((final.argmax(1)[flagged] == labels[flagged]).mean()) if flagged.any() else 0.0
-    from scipy.stats import rankdata
-    r = lambda x: rankdata(x) / len(x)  # noqa: E731
-    dyn_part = (r(-dyn.aum()) + r(tracin_score(((c["checkpoint_probs"].astype(np.float64) - np.eye(final.shape[1])[labels][None]) ** 2).sum(2), c["lrs"]))) / 2
-    print(f"memorisation m = {m:.3f}")
-    return {"adaptive(margin|aum+tracin)": (1 - m) * r(margin_score(final, labels)) + m * dyn_part,
-            "switch(margin|aum+tracin)": r(margin_score(final, labels)) if m < 0.5 else dyn_part,
-            "adaptive(margin+aum|aum+tracin)": (1 - m) * (r(margin_score(final, labels)) + r(-dyn.aum())) / 2 + m * dyn_part,
-            "switch(loss|aum+tracin)": r(loss_score(final, labels)) if m < 0.5 else dyn_part,
-            "switch(loss+margin|aum+tracin)": (r(loss_score(final, labels)) + r(margin_score(final, labels))) / 2 if m < 0.5 else dyn_part,
-            "switch(margin|aum+tracin+avg_loss)": r(margin_score(final, labels)) if m < 0.5 else (2 * dyn_part + r(dyn.avg_loss())) / 3,
-            "loss@t*": loss_score(P[t], labels), "avg_loss≤t*": dyn.losses()[: t + 1].mean(0),
-            "ckpt_loss@t*": loss_score(ck[tc], labels), "ckpt_avg_loss": np.mean([loss_score(p, labels) for p in ck], 0)}
-
-
 def candidates(raw: Path) -> None:
     """Recall at budget of rank averages of every 2- and 3-subset of the signals, per cell (to choose FUSED)."""
     groups = _cells(raw)
-    per = {key: [{**cell_scores(c), **_extra(c)} for c in map(load_cell, paths)] for key, paths in groups.items()}
+    per = {key: [cell_scores(load_cell(p)) for p in paths] for key, paths in groups.items()}
     flips = {key: [np.load(p)["labels"] != np.load(p)["clean"] for p in paths] for key, paths in groups.items()}
-    names = ["aum", "forgetting", "avg_loss", "tracin", "self_influence", "loss", "margin", "loss@t*", "avg_loss≤t*",
-             "ckpt_loss@t*", "ckpt_avg_loss"]
-    adaptive = ["adaptive(margin|aum+tracin)", "switch(margin|aum+tracin)", "adaptive(margin+aum|aum+tracin)",
-                "switch(loss|aum+tracin)", "switch(loss+margin|aum+tracin)", "switch(margin|aum+tracin+avg_loss)"]
-    combos = [(n,) for n in names + ["cleanlab"] + adaptive] + list(itertools.combinations(names, 2)) + list(itertools.combinations(names, 3))
+    names = ["aum", "forgetting", "avg_loss", "tracin", "self_influence", "loss", "margin"]
+    combos = [(n,) for n in names + ["cleanlab", "fused"]] + list(itertools.combinations(names, 2)) + list(itertools.combinations(names, 3))
     table = []
     for combo in combos:
         row = []

@@ -13,8 +13,9 @@ From the records (T epochs, z_t the logits, y the given label):
 * loss_t = logsumexp(z_t) − z_t[y]; ``avg_loss`` = mean_t loss_t (checkpoint-averaged loss).
 * **forgetting events** (Toneva et al. 2019): epochs t where the example was classified correctly at t−1 and
   wrongly at t; an example never classified correctly counts T (more than any forgotten one can have).
-* ``mean_probs`` = mean_t softmax(z_t): the label distribution over training, used for confident-learning
-  noise-rate estimates and suggested labels (less memorised than the final model's).
+* ``probabilities`` = softmax(z_t) per epoch (the audit's noise estimate reads the least memorised epoch's);
+  ``mean_probs`` = their mean over epochs, from which the audit suggests labels (less memorised than the final
+  model's).
 
 Records are skipped (with a note) when one epoch's logits would exceed :data:`MAX_ENTRIES` values.
 """

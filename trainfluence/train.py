@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | No
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
         lrs = []
-        seen = torch.zeros(n, train_set.num_classes, dtype=torch.float16) if keep_dynamics else None
+        seen = torch.zeros(n, train_set.num_classes, dtype=torch.float16, device=device) if keep_dynamics else None
         pbar = bar(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress)
         for b in pbar:
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -148,8 +148,8 @@ def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | No
                 group["lr"] = lr
             lrs.append(lr)
             logits = model(x_all[idx])
-            if seen is not None:  # the logits the step is taken from: free training dynamics
-                seen[idx.cpu()] = logits.detach().to("cpu", torch.float16)
+            if seen is not None:  # the logits the step is taken from: free training dynamics (kept on the device)
+                seen[idx] = logits.detach().to(torch.float16)
             loss = F.cross_entropy(logits, y_all[idx])
             if not torch.isfinite(loss):
                 raise UserError(f"training diverged at epoch {epoch} (loss {float(loss)}): lower --lr (now {cfg.lr})")
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | No
                        "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "schedule": cfg.schedule},
             metrics={k: v for k, v in record.items() if k != "epoch"},
             train_config=to_dict(cfg), run_id=run_id,
-            dynamics=save_record(out, epoch, seen.numpy(), pixels) if seen is not None else {},
+            dynamics=save_record(out, epoch, seen.cpu().numpy(), pixels) if seen is not None else {},
         )
         state = {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                  "step": step, "history": history}

@@ -26,20 +26,21 @@ predicts.  Below :data:`MEMORISED` (½) it ranks by the rank average of :data:`F
 AUM); above, by :data:`FUSED_MEMORISED` (TracIn, which remembers how hard each label was to fit when the final
 model no longer shows it).  Chosen by scripts/bench_mislabel.py over {uniform, asymmetric, instance} ×
 {10%, 30%} × {3, 20 epochs} (BENCHMARKS.md "bench:mislabel"): the final loss and margin are the best single
-signals until the network memorises and the worst after (recall 0.97 → 0.56 for 10% uniform flips), TracIn the
-reverse; measured memorisation was ≤ 0.24 in every 3-epoch cell and ≥ 0.60 in every 20-epoch one.  Rank
+signals until the network memorises and the worst after (final loss 0.969 → 0.545 recall for 10% uniform flips),
+TracIn the reverse; measured memorisation was ≤ 0.08 in every 3-epoch run of the grid and ≥ 0.56 in every 20-epoch one.  Rank
 averaging needs no calibration between scores of different units.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, load_checkpoint
+from ..checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
 from ..data import ImageDataset
 from ..dynamics import Dynamics, images_fingerprint, load_record
 from .estimate import NoiseEstimate, estimate_noise, least_memorised_epoch
@@ -146,6 +147,7 @@ class AuditContext:
     _probs: np.ndarray | None = field(default=None, repr=False)
     _engine: InfluenceEngine | None = field(default=None, repr=False)
     _tracin_norms: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _run: list[tuple[Path, CheckpointMeta]] | None = field(default=None, repr=False)
     _dynamics: Dynamics | None = field(default=None, repr=False)
     _problems: dict[str, str | None] = field(default_factory=dict, repr=False)
     _early: EarlyLearning | None = field(default=None, repr=False)
@@ -168,18 +170,22 @@ class AuditContext:
         return self._engine
 
     @property
+    def run(self) -> list[tuple[Path, CheckpointMeta]]:
+        """The epoch checkpoints of this run with their metadata (:func:`run_metas`), read once."""
+        if self._run is None:
+            self._run, notes = run_metas(self.checkpoint, self.arch)
+            self.notes.extend(f"epoch checkpoints: {n}" for n in notes)
+        return self._run
+
+    @property
     def dynamics(self) -> Dynamics:
         """The run's training-dynamics records (every epoch checkpoint of the run, in order), read once."""
         if self._dynamics is None:
-            paths, notes = run_checkpoints(self.checkpoint)
-            metas = [self.checkpoint.meta if p == self.checkpoint.path else load_checkpoint(p, arch=self.arch).meta
-                     for p in paths]
-            if not metas or not all(m.dynamics for m in metas):
+            paths, metas = [p for p, _ in self.run], [m for _, m in self.run]
+            if not all(m.dynamics for m in metas):
                 raise UserError(f"no training dynamics beside {self.checkpoint.path}: the aum, forgetting and avg_loss "
                                 "scores need the epoch-E.pt checkpoints and logits that `trainfluence train` writes "
                                 "(retrain, or choose other --score names)")
-            ctx_notes = [n for n in notes if n not in self.notes]
-            self.notes.extend(ctx_notes)
             n, k = len(self.train), self.train.num_classes
             pixels = images_fingerprint(self.train.images)
             logits = np.stack([load_record(p.parent, m.dynamics, n, k, pixels) for p, m in zip(paths, metas)])
@@ -218,31 +224,36 @@ def _self_influence(ctx: AuditContext) -> np.ndarray:
     return ctx.engine.self_influence()
 
 
-def run_checkpoints(ckpt: Checkpoint) -> tuple[list, list[str]]:
-    """The epoch checkpoints of ``ckpt``'s own run (same run id) beside it, and notes on what was left out."""
+def run_metas(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[tuple[Path, CheckpointMeta]], list[str]]:
+    """The epoch checkpoints of ``ckpt``'s own run (same run id) beside it with their metadata, each file read
+    once, and notes on what was left out.  ``arch``: the architecture the user named (module:callable runs)."""
     folder = ckpt.path.parent
-    everything = epoch_checkpoints(folder)
-    mine = epoch_checkpoints(folder, run_id=ckpt.meta.run_id) if everything else []
+    everything = [(p, ckpt.meta if p == ckpt.path else load_checkpoint(p, arch=arch).meta) for p in epoch_checkpoints(folder)]
+    mine = [(p, m) for p, m in everything if m.run_id == ckpt.meta.run_id]
     notes = []
     if len(mine) < len(everything):
-        others = sorted(set(p.name for p in everything) - set(p.name for p in mine))
-        notes.append(f"tracin: left out {', '.join(others)} (another run wrote them into {folder})")
+        others = sorted(set(p.name for p, _ in everything) - set(p.name for p, _ in mine))
+        notes.append(f"left out {', '.join(others)} (another run wrote them into {folder})")
     if not mine:
-        notes.append(f"tracin: no epoch-E.pt checkpoints of this run beside {ckpt.path}; used that checkpoint alone")
-        mine = [ckpt.path]
+        notes.append(f"no epoch-E.pt checkpoints of this run beside {ckpt.path}; used that checkpoint alone")
+        mine = [(ckpt.path, ckpt.meta)]
     return mine, notes
+
+
+def run_checkpoints(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[Path], list[str]]:
+    """The paths of :func:`run_metas`."""
+    mine, notes = run_metas(ckpt, arch)
+    return [p for p, _ in mine], notes
 
 
 def _tracin(ctx: AuditContext) -> np.ndarray:
     key = (ctx.tracin_space, ctx.tracin_params)
     if key not in ctx._tracin_norms:  # [T, n] squared norms and the T learning rates, computed once per context
-        paths, notes = run_checkpoints(ctx.checkpoint)
-        ctx.notes.extend(n for n in notes if n not in ctx.notes)
         norms, lrs = [], []
-        for path in bar(paths, desc=f"tracin ({ctx.tracin_space})", unit="ckpt"):
+        for path, meta in bar(ctx.run, desc=f"tracin ({ctx.tracin_space})", unit="ckpt"):
             ckpt = ctx.checkpoint if path == ctx.checkpoint.path else load_checkpoint(path, device=ctx.device, arch=ctx.arch)
             norms.append(squared_gradient_norms(ckpt.model, ctx.train, ctx.tracin_space, ctx.tracin_params, ctx.device))
-            lrs.append(float(ckpt.meta.optimizer.get("lr", 1.0)))
+            lrs.append(float(meta.optimizer.get("lr", 1.0)))
         ctx._tracin_norms[key] = (np.stack(norms), np.array(lrs))
     norms, lrs = ctx._tracin_norms[key]
     return tracin_score(norms, lrs if ctx.tracin_weights == "lr" else np.ones_like(lrs))
@@ -273,8 +284,6 @@ def _fused(ctx: AuditContext) -> np.ndarray:
     return rank_average(*(SCORES[name](ctx) for name in names))
 
 
-DYNAMICS_SCORES = ("aum", "forgetting", "avg_loss")
-
 SCORES: dict[str, Callable[[AuditContext], np.ndarray]] = {
     "fused": _fused,
     "aum": lambda ctx: -ctx.dynamics.aum(),
@@ -299,4 +308,4 @@ def relabel_self_influence(engine: InfluenceEngine, indices: np.ndarray, num_cla
 
 
 __all__ = ["FUSED_FINAL", "FUSED_MEMORISED", "MEMORISED", "EarlyLearning", "SCORES", "early_learning", "fused_names", "AuditContext", "rank_average", "loss_score", "margin_score", "tracin_score", "random_score",
-           "relabel_self_influence", "run_checkpoints", "squared_gradient_norms"]
+           "relabel_self_influence", "run_checkpoints", "run_metas", "squared_gradient_norms"]

@@ -5,8 +5,8 @@ from what, to what (:class:`~trainfluence.data.base.NoiseRecord`):
 
 * ``uniform`` — a uniform random subset; each new label uniform over the K−1 other classes.
 * ``asymmetric`` — a uniform random subset; every class y flips to one fixed class m(y), the class whose mean
-  image is nearest to y's in pixel space (a 7 becomes a 9, a shirt a pullover: class-conditional, Patrini et
-  al. 2017's setting with the pairs found from the data instead of listed by hand).
+  image is nearest to y's in pixel space (on MNIST a 7 becomes a 9, a 4 a 9 and a 9 a 4: class-conditional,
+  Patrini et al. 2017's setting with the pairs found from the data instead of listed by hand).
 * ``instance`` — instance-dependent: a reference model (multinomial logistic regression on the pixels,
   downsampled to at most 1,024 values, fit by L-BFGS) gives each image its runner-up class r(x) = the most
   likely class after the true one; the flipped subset is drawn without replacement with probability
