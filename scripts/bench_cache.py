@@ -16,6 +16,7 @@ import argparse
 import sys
 import tempfile
 import time
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,24 @@ def fwd_bwd_rate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int
             net.zero_grad(set_to_none=True)
             F.cross_entropy(net(x[i : i + bs]), y[i : i + bs]).backward()
     return len(x) / timed(run, repeats=repeats)
+
+
+def paired_rates(fns: dict[str, Callable[[], object]], n: int, rounds: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Examples/s of each of ``fns`` (each processes ``n`` examples), run in turn round after round (the order
+    reversed every other round, after one untimed round) so that drift in the machine's speed hits all alike.
+    Returns the median rate per function and, per function, the median over rounds of its rate ÷ the first one's."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            fns[name]()
+            seconds[name].append(time.perf_counter() - start)
+    rates = {name: n / float(np.median(ts)) for name, ts in seconds.items()}
+    ratios = {name: float(np.median([a / b for a, b in zip(seconds[names[0]], ts)])) for name, ts in seconds.items()}
+    return rates, ratios
 
 
 def factored_rate(fm: FunctionalModel, computer: GradientComputer, source, x: torch.Tensor, y: torch.Tensor, k: int,
@@ -81,6 +100,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4096, help="examples in the throughput comparison")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--resnet-n", type=int, default=256, help="shapes images in the resnet18 comparison")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the paired model-size comparison")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_cache_"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,15 +186,31 @@ def main() -> None:
     resnet = build_model("resnet18", num_classes=shapes.num_classes, in_channels=3, image_size=32).to(device).eval()
     r_fm = FunctionalModel(resnet, "all")
     r_computer = GradientComputer(r_fm, Objective())
-    r_fb = fwd_bwd_rate(resnet, rx, ry, FACTORED_BATCH, repeats=1)
-    r_f = factored_rate(r_fm, r_computer, shapes, rx, ry, args.k, repeats=1)
-    r_c = countsketch_rate(r_fm, r_computer, rx, ry, args.k, repeats=1)
-    cnn_f, cnn_c = rates[args.k]
-    size_rows = [
-        [f"default CNN, MNIST 28×28 ({fm.dim:,} parameters)", fb[best_bs], cnn_f, cnn_f / fb[best_bs], cnn_c,
-         cnn_c / fb[best_bs]],
-        [f"resnet18, shapes 32×32 ({r_fm.dim:,} parameters)", r_fb, r_f, r_f / r_fb, r_c, r_c / r_fb],
-    ]
+    r_sweep = {bs: fwd_bwd_rate(resnet, rx, ry, bs, repeats=1) for bs in (32, 64, 128)}
+    r_best = max(r_sweep, key=r_sweep.get)
+    size_rows = []
+    for label, net_, fm_, comp_, src, xs, ys, bs in [
+            (f"default CNN, MNIST 28×28 ({fm.dim:,} parameters)", net, fm, computer, train_set, x, y, best_bs),
+            (f"resnet18, shapes 32×32 ({r_fm.dim:,} parameters)", resnet, r_fm, r_computer, shapes, rx, ry, r_best)]:
+        proj = FactoredProjector(fm_, Objective(), factored_layout(fm_, args.k, block_energies(fm_, comp_, src)))
+        sketch = Projector(ProjectionSpec(args.k, 0, "countsketch"), fm_.sizes, fm_.device)
+
+        def fwd_bwd(net_=net_, xs=xs, ys=ys, bs=bs):
+            for i in range(0, len(xs), bs):
+                net_.zero_grad(set_to_none=True)
+                F.cross_entropy(net_(xs[i : i + bs]), ys[i : i + bs]).backward()
+
+        def factored(proj=proj, xs=xs, ys=ys):
+            for i in range(0, len(xs), FACTORED_BATCH):
+                proj.per_example(xs[i : i + FACTORED_BATCH], ys[i : i + FACTORED_BATCH])
+
+        def vmap_sketch(comp_=comp_, sketch=sketch, fm_=fm_, xs=xs, ys=ys):
+            with torch.no_grad():
+                for eg in comp_.batches(xs, ys):
+                    sketch.project_blocks([eg.grads[n] for n in fm_.names])
+
+        r, q = paired_rates({"fb": fwd_bwd, "factored": factored, "vmap": vmap_sketch}, len(xs), args.rounds)
+        size_rows.append([label, bs, r["fb"], r["factored"], q["factored"], r["vmap"], q["vmap"]])
 
     # ---- queries ---------------------------------------------------------------------------------------
     tx, ty = test_set.tensors(slice(0, 20), device)
@@ -242,11 +278,15 @@ batch {best_bs}):
 
 {table(["k", "factored Kronecker", "×", "vmap + CountSketch", "×"], k_rows)}
 
-Against model size, k = {args.k} (resnet18: {args.resnet_n} shapes images at 32×32, eval mode, forward+backward at
-batch {FACTORED_BATCH}; its convolutions and classifier take the factored path, its BatchNorm parameters per-example
-gradients from the same hooks):
+Against model size, k = {args.k}, measured paired: the three run in turn for {args.rounds} rounds (order reversed
+every other round) on the same images — {len(x)} MNIST images for the CNN, {args.resnet_n} shapes images at 32×32 for
+resnet18 (eval mode; its convolutions and classifier take the factored path, its BatchNorm parameters per-example
+gradients from the same hooks); rates are medians, × is the median over rounds of the per-round ratio to the
+forward+backward of a plain training step (zero_grad, forward, backward) at its fastest batch of 32, 64, 128 (shown;
+resnet18 sweep: {", ".join(f"{bs}: {r:.1f}" for bs, r in r_sweep.items())} ex/s); the factored path runs at the store's
+batch, {FACTORED_BATCH}:
 
-{table(["model", "forward+backward ex/s", "factored Kronecker ex/s", "×", "vmap + CountSketch ex/s", "×"], size_rows)}
+{table(["model", "forward+backward batch", "forward+backward ex/s", "factored Kronecker ex/s", "×", "vmap + CountSketch ex/s", "×"], size_rows)}
 
 Query latency over that store: the 10 most helpful and the 10 most harmful training images of one test point
 (one query vector s_test; both lists), alone and per test point when 20 test points are asked at once:

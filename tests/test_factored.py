@@ -57,6 +57,8 @@ def test_factored_path_equals_the_dense_kronecker_projection(setup):
     assert proj.others == ["scale", "bn.weight", "bn.bias"]
     assert proj.norms == {"bn": ("bn.weight", "bn.bias")} and proj.vmapped == ["scale"]
     got, losses, logits = proj.per_example(x, y)
+    # the in-place ReLUs after bn and c2 change their outputs: those two are recorded as copies, c1 and fc are not
+    assert proj._copied == {"bn", "c2"}
     want = proj.project(grads)
     assert got.shape == want.shape == (24, proj.dim)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

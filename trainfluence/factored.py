@@ -74,11 +74,18 @@ def hooked_norms(fm: FunctionalModel) -> dict[str, tuple[str, str]]:
     return out
 
 
+SIMD_WIDTH = 16  # a sketched input side is a multiple of this: convolution kernels run in blocks of 16 channels
+
+
 def split_dims(k: int, d_out: int, d_in: int) -> tuple[int, int]:
     """k_out · k_in ≤ k with k_out ≤ d_out, k_in ≤ d_in, the two as balanced as the shapes allow (the variance bound
-    2/k_out + 2/k_in is smallest when they are equal)."""
+    2/k_out + 2/k_in is smallest when they are equal).  A sketched k_in above 16 is rounded down to a multiple of
+    ``SIMD_WIDTH`` and k_out takes up the rest: P_in runs as a convolution with k_in output channels, and 17 of
+    them cost three times 16 (oneDNN on CPU, measured for scripts/bench_cache.py)."""
     k_out = int(min(d_out, max(1, round(np.sqrt(k)))))
     k_in = int(min(d_in, max(1, k // k_out)))
+    if SIMD_WIDTH < k_in < d_in:
+        k_in -= k_in % SIMD_WIDTH
     k_out = int(min(d_out, max(1, k // k_in)))
     return k_out, k_in
 
@@ -123,6 +130,7 @@ class FactoredProjector:
         by_hook = {n for pair in self.norms.values() for n in pair}
         self.vmapped = [n for n in self.others if n not in by_hook]
         self._per_example_others = None
+        self._copied: set[str] = set()  # hooked modules whose input or output the model changes in place
         if self.vmapped:
             fixed = {n: p for n, p in fm.params.items() if n not in self.vmapped}
 
@@ -168,20 +176,53 @@ class FactoredProjector:
         return torch.cat(pieces, dim=1)
 
     # ---- the factored per-example path ------------------------------------------------------------------------
-    def per_example(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projected per-example gradients [B, k], losses [B] and logits [B, K] from one batched forward and
-        backward pass (plus the per-example path for parameters outside Kronecker layers)."""
+    def _project_layer(self, layer: FactoredLayer, inp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """P_out Gᵢ P_inᵀ for every example of the batch, [B, k_out, k_in], from the layer's input and output gradient.
+
+        Channels first throughout: Aᵢ = P_in aᵢ,ₜ for every position t ([B, k_in, T]; for a convolution one conv2d
+        with P_in's rows as kernels — unfold-then-matmul without the patches), then Mᵢ = Σₜ δᵢ,ₜ (P_in aᵢ,ₜ)ᵀ as one
+        batched matmul [B, d_out, T]·[B, T, k_in] and P_out Mᵢ last (cheaper than projecting δ first when
+        d_out·k_in < k_out·(d_out + k_in), as for :func:`split_dims`'s k_in ≤ k_out).  A bias, an input fixed at 1,
+        adds the rank-one term (Σₜ δᵢ,ₜ) p_biasᵀ."""
+        P_in, P_out = self.P_in[layer.module], self.P_out[layer.module]
+        has_bias = layer.bias is not None
+        w_in = P_in[:, : layer.d_in - int(has_bias)]
+        B = inp.shape[0]
+        if layer.conv is not None:
+            c = layer.conv
+            a_p = F.conv2d(inp, w_in.reshape(len(w_in), inp.shape[1], *c["kernel_size"]), stride=c["stride"],
+                           padding=c["padding"], dilation=c["dilation"]).flatten(2)  # [B, k_in, T]
+            d = delta.flatten(2)  # [B, d_out, T]
+        else:  # a Linear layer acts on the last dimension; any others are positions
+            a_p = (inp.reshape(B, -1, inp.shape[-1]) @ w_in.T).transpose(1, 2)  # [B, k_in, T]
+            d = delta.reshape(B, -1, delta.shape[-1]).transpose(1, 2)  # [B, d_out, T]
+        M = torch.bmm(d, a_p.transpose(1, 2))  # [B, d_out, k_in]
+        if has_bias:
+            M = M + d.sum(2, keepdim=True) * P_in[:, -1]
+        return M if layer.k_out == layer.d_out else torch.matmul(P_out, M)  # P_out = I: nothing to do
+
+    def _hooked_pass(self, x: torch.Tensor, y: torch.Tensor, copied: set[str]):
+        """One batched forward of Σᵢ ℓᵢ recording each hooked module's input and output, then (unless a recording
+        was changed in place afterwards) the backward to those outputs.  Modules in ``copied`` record copies.
+
+        Returns (logits, losses, inputs, output gradients, modules whose recording changed in place): when that
+        last set is not empty the backward was not run — differentiating with respect to a tensor an in-place
+        operation changed (a ReLU(inplace=True) after a BatchNorm, a residual ``out += x``) would give the gradient
+        of the changed tensor — and the pass must be repeated with those modules copied."""
         fm = self.fm
-        x, y = x.to(fm.device), y.to(fm.device)
         modules = dict(fm.module.named_modules())
         inputs: dict[str, torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
+        versions: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
 
         def hook_for(name: str):
             def hook(_m, inp, out):
-                inputs[name] = inp[0].detach()
-                outputs[name] = out
-                return out.clone()  # what follows (an in-place ReLU) must not change the recorded output
+                if name in copied:
+                    inputs[name], outputs[name] = inp[0].detach().clone(), out
+                    return out.clone()  # what follows sees the copy; the recorded output stays as it was
+                inputs[name], outputs[name] = inp[0].detach(), out
+                versions[name] = (inp[0], inp[0]._version, out, out._version)
+                return None
             return hook
 
         hooked = [layer.module for layer in self.layers] + list(self.norms)
@@ -192,34 +233,37 @@ class FactoredProjector:
             with torch.enable_grad():
                 logits = self.objective.outputs(lambda inp: fm(params, inp), x)
                 losses = self.objective.loss(logits, y)
-                all_deltas = torch.autograd.grad(losses.sum(), [outputs[name] for name in hooked]) if hooked else []
+                changed = {name for name, (a, va, o, vo) in versions.items() if a._version != va or o._version != vo}
+                if changed:
+                    return logits, losses, inputs, [], changed
+                deltas = torch.autograd.grad(losses.sum(), [outputs[name] for name in hooked]) if hooked else []
         finally:
             for h in handles:
                 h.remove()
+        return logits, losses, inputs, list(deltas), set()
+
+    def per_example(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected per-example gradients [B, k], losses [B] and logits [B, K] from one batched forward and
+        backward pass (plus the per-example path for parameters outside Kronecker layers).  A module's recordings
+        are copied only once a pass has shown that the model changes them in place (remembered for later batches)."""
+        fm = self.fm
+        x, y = x.to(fm.device), y.to(fm.device)
+        modules = dict(fm.module.named_modules())
+        while True:
+            logits, losses, inputs, all_deltas, changed = self._hooked_pass(x, y, self._copied)
+            if not changed:
+                break
+            self._copied |= changed
         deltas, norm_deltas = all_deltas[: len(self.layers)], all_deltas[len(self.layers):]
         projected: dict[str, torch.Tensor] = {}
         for layer, d in zip(self.layers, deltas):
-            inp, P_in, P_out = inputs[layer.module], self.P_in[layer.module], self.P_out[layer.module]
-            w_in = P_in[:, : layer.d_in - int(layer.bias is not None)]
-            if layer.conv is not None:
-                # P_in applied to every unfolded patch is a convolution with P_in's rows as kernels: the same
-                # numbers as unfold-then-matmul without materialising the patches
-                c = layer.conv
-                a_p = F.conv2d(inp, w_in.reshape(len(w_in), inp.shape[1], *c["kernel_size"]), stride=c["stride"],
-                               padding=c["padding"], dilation=c["dilation"]).flatten(2).transpose(1, 2)  # [B, T, k_in]
-                d = d.flatten(2).transpose(1, 2)  # [B, T, out]
-            else:
-                a_p = inp.reshape(inp.shape[0], -1, inp.shape[-1]) @ w_in.T  # [B, T, k_in]
-                d = d.reshape(d.shape[0], -1, d.shape[-1])
-            if layer.bias is not None:  # the bias column is a constant 1: its projection is P_in's last column
-                a_p = a_p + P_in[:, -1]
-            d_p = d if layer.k_out == layer.d_out else d @ P_out.T  # [B, T, k_out] (P_out = I: nothing to do)
-            projected[layer.module] = torch.einsum("bto,bti->boi", d_p, a_p).flatten(1)
+            projected[layer.module] = self._project_layer(layer, inputs[layer.module], d).flatten(1)
         for (name, (gamma, beta)), d in zip(self.norms.items(), norm_deltas):
-            bn = modules[name]
-            x_hat = (inputs[name] - bn.running_mean[:, None, None]) / (bn.running_var[:, None, None] + bn.eps).sqrt()
-            projected[gamma] = self._sketch_other(gamma, (d * x_hat).sum((2, 3)))
-            projected[beta] = self._sketch_other(beta, d.sum((2, 3)))
+            # Σₜ δₜ x̂ₜ = (Σₜ δₜ xₜ − μ Σₜ δₜ) / √(σ² + ε) per channel, without forming x̂
+            bn, d_sum = modules[name], d.sum((2, 3))
+            d_x = torch.einsum("bchw,bchw->bc", d, inputs[name])
+            projected[gamma] = self._sketch_other(gamma, (d_x - bn.running_mean * d_sum) * (bn.running_var + bn.eps).rsqrt())
+            projected[beta] = self._sketch_other(beta, d_sum)
         if self._per_example_others is not None:
             own = {n: fm.params[n] for n in self.vmapped}
             with torch.no_grad():
