@@ -201,7 +201,8 @@ class FactoredProjector:
             M = M + d.sum(2, keepdim=True) * P_in[:, -1]
         return M if layer.k_out == layer.d_out else torch.matmul(P_out, M)  # P_out = I: nothing to do
 
-    def _hooked_pass(self, x: torch.Tensor, y: torch.Tensor, copied: set[str]):
+    def _hooked_pass(self, x: torch.Tensor, y: torch.Tensor, copied: set[str]
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor], set[str]]:
         """One batched forward of Σᵢ ℓᵢ recording each hooked module's input and output, then (unless a recording
         was changed in place afterwards) the backward to those outputs.  Modules in ``copied`` record copies.
 
@@ -253,7 +254,7 @@ class FactoredProjector:
             logits, losses, inputs, all_deltas, changed = self._hooked_pass(x, y, self._copied)
             if not changed:
                 break
-            self._copied |= changed
+            self._copied |= changed  # copied modules are not checked again: at most one repeat per hooked module
         deltas, norm_deltas = all_deltas[: len(self.layers)], all_deltas[len(self.layers):]
         projected: dict[str, torch.Tensor] = {}
         for layer, d in zip(self.layers, deltas):
