@@ -205,9 +205,20 @@ class GradientStore:
 
     def iter_blocks(self, rows_per_block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, float32 block)`` over all rows, RAM bounded by the block size."""
+        for start, values, scale in self.iter_stored(rows_per_block):
+            block = values.astype(np.float32)
+            del values  # not held while the caller works on the block
+            block *= scale[:, None]
+            yield start, block
+
+    def iter_stored(self, rows_per_block: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(start, values, scale)`` over all rows as stored: the gradients are ``values × scale[:, None]``
+        (fp16 values hold each row divided by its largest magnitude).  For scans that apply the scale to their
+        results instead of to every value; a block holds as many rows as 64 MB of float32 (or ``rows_per_block``)."""
         step = rows_per_block or max(1, min(self.n, (64 << 20) // (4 * self.dim)))
         for start in range(0, self.n, step):
-            yield start, self.read(slice(start, min(self.n, start + step)))
+            stop = min(self.n, start + step)
+            yield start, self._read_rows("grads", start, stop), self._read_rows("scale", start, stop)
 
     def column(self, name: str) -> np.ndarray:
         return np.asarray(self.array(name))
