@@ -13,6 +13,7 @@ latency over that store, faiss vs numpy.  Writes its table into BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import sys
 import tempfile
@@ -177,7 +178,7 @@ def main() -> None:
     kron_mib = kron_report.store.size_bytes() / 2**20
     # the whole factored build against a plain forward+backward pass over the same images, paired over rounds
     all_x, all_y = train_set.tensors(slice(0, len(train_set)), device)
-    rounds = iter(range(10**6))
+    rounds = itertools.count()
 
     def full_fwd_bwd():
         for i in range(0, len(all_x), best_bs):

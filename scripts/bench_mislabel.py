@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import DEFAULT_MNIST, update_section  # noqa: E402
 
-from trainfluence.audit.scores import predict_proba, run_checkpoints  # noqa: E402
+from trainfluence.audit.scores import predict_proba, run_metas  # noqa: E402
 from trainfluence.checkpoint import load_checkpoint  # noqa: E402
 from trainfluence.data import DataConfig, load_dataset  # noqa: E402
 from trainfluence.dynamics import load_record  # noqa: E402
@@ -78,7 +78,7 @@ def raw_cell(args, kind: str, rate: float, seed: int, work: Path) -> None:
         fit = train(TrainConfig(epochs=epochs, seed=seed), train_set, test_set, run_dir, progress=False)
         ckpt = load_checkpoint(run_dir / "final.pt")
         train_s = time.perf_counter() - t0
-        paths, _ = run_checkpoints(ckpt)
+        paths = [p for p, _ in run_metas(ckpt)[0]]
         t0 = time.perf_counter()
         ckpts = [load_checkpoint(p) for p in paths]
         probs = np.stack([predict_proba(c.model, train_set, "cpu") for c in ckpts]).astype(np.float32)

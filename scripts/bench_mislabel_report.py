@@ -101,8 +101,7 @@ def report(args) -> str:
     results = {key: [cell_metrics(load_cell(p)) for p in paths] for key, paths in groups.items()}
     keys = sorted(results, key=lambda k: (KINDS.index(k[0]), k[1], k[2]))
     seeds = sorted({len(v) for v in results.values()})
-    per_cell = ", ".join(f"{k}{r}% {e}ep: {len(results[(k, r, e)])}" for k, r, e in
-                         sorted(results, key=lambda k: (KINDS.index(k[0]), k[1], k[2]))) if len(seeds) > 1 else ""
+    per_cell = ", ".join(f"{k}{r}% {e}ep: {len(results[(k, r, e)])}" for k, r, e in keys) if len(seeds) > 1 else ""
     head = [f"### Mislabel detection across noise regimes: MNIST first {args.train_size:,} training images, default CNN",
             "",
             f"Each cell: mean ± std over {'/'.join(map(str, seeds))} noise seeds (seeds 0, 1, 2 in that order"

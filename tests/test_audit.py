@@ -31,10 +31,10 @@ def test_numpy_scores():
 
 def test_tracin_weights_by_hand(shapes_run):
     """tracin (logits) = Σₜ wₜ ‖softmax(fₜ(x)) − onehot(y)‖² over the epoch checkpoints, wₜ = ηₜ or 1."""
-    from trainfluence.audit.scores import SCORES, AuditContext, predict_proba, run_checkpoints
+    from trainfluence.audit.scores import SCORES, AuditContext, predict_proba, run_metas
 
     ckpt, train = load_checkpoint(shapes_run["checkpoint"]), shapes_run["train"].subset(range(600))
-    paths, _notes = run_checkpoints(ckpt)
+    paths = [p for p, _ in run_metas(ckpt)[0]]
     assert len(paths) == 5
     onehot = np.eye(len(train.classes))[train.labels.numpy()]
     norms = np.stack([((predict_proba(load_checkpoint(p).model, train, "cpu") - onehot) ** 2).sum(1) for p in paths])

@@ -329,7 +329,7 @@ def test_damaged_index_stest_and_manifest_are_rebuilt(shapes_run, tmp_path, caps
 
 # ---- 6. runs identified -----------------------------------------------------------------------------------------
 def test_tracin_reads_only_its_own_run(tmp_path):
-    from trainfluence.audit.scores import run_checkpoints
+    from trainfluence.audit.scores import run_metas
     from trainfluence.train import TrainConfig, train
 
     cfg = DataConfig(train_size=200, test_size=50)
@@ -337,8 +337,8 @@ def test_tracin_reads_only_its_own_run(tmp_path):
     train(TrainConfig(epochs=3, seed=1), tr, te, tmp_path, progress=False)
     train(TrainConfig(epochs=2, seed=2), tr, te, tmp_path, progress=False)  # a second run into the same folder
     final = load_checkpoint(tmp_path / "final.pt")
-    paths, notes = run_checkpoints(final)
-    assert [p.name for p in paths] == ["epoch-1.pt", "epoch-2.pt"]
+    run, notes = run_metas(final)
+    assert [p.name for p, _ in run] == ["epoch-1.pt", "epoch-2.pt"]
     assert notes and "epoch-3.pt" in notes[0] and "another run" in notes[0]
 
 

@@ -105,7 +105,7 @@ def _figure(item: dict[str, Any], train: ImageDataset, test: ImageDataset, path:
     for kind, colour in (("helpful", "green"), ("harmful", "red")):
         shown = item[kind][:MAX_DRAWN]
         rows.append([Panel(to_display(train.images[e["index"]]), f"#{e['index']} {e['label_name']}\n{e['score']:.3g}"
-                           + ("\n" + mark_text(e['label_check']).replace('; ', '\n') if e.get("label_check") else ""),
+                           + ("\n" + mark_text(e["label_check"], sep="\n") if e.get("label_check") else ""),
                            color=colour)
                      for e in shown])
         labels.append(kind)

@@ -81,7 +81,7 @@ def split_dims(k: int, d_out: int, d_in: int) -> tuple[int, int]:
     """k_out · k_in ≤ k with k_out ≤ d_out, k_in ≤ d_in, the two as balanced as the shapes allow (the variance bound
     2/k_out + 2/k_in is smallest when they are equal).  A sketched k_in above 16 is rounded down to a multiple of
     ``SIMD_WIDTH`` and k_out takes up the rest: P_in runs as a convolution with k_in output channels, and 17 of
-    them cost three times 16 (oneDNN on CPU, measured for scripts/bench_cache.py)."""
+    them cost three times 16 (oneDNN on CPU: 18.4 against 5.9 ms for a 128×24×28×28 input)."""
     k_out = int(min(d_out, max(1, round(np.sqrt(k)))))
     k_in = int(min(d_in, max(1, k // k_out)))
     if SIMD_WIDTH < k_in < d_in:
@@ -131,6 +131,7 @@ class FactoredProjector:
         self.vmapped = [n for n in self.others if n not in by_hook]
         self._per_example_others = None
         self._copied: set[str] = set()  # hooked modules whose input or output the model changes in place
+        self._modules = dict(fm.module.named_modules())
         if self.vmapped:
             fixed = {n: p for n, p in fm.params.items() if n not in self.vmapped}
 
@@ -211,7 +212,7 @@ class FactoredProjector:
         operation changed (a ReLU(inplace=True) after a BatchNorm, a residual ``out += x``) would give the gradient
         of the changed tensor — and the pass must be repeated with those modules copied."""
         fm = self.fm
-        modules = dict(fm.module.named_modules())
+        modules = self._modules
         inputs: dict[str, torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
         versions: dict[str, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
@@ -249,7 +250,7 @@ class FactoredProjector:
         are copied only once a pass has shown that the model changes them in place (remembered for later batches)."""
         fm = self.fm
         x, y = x.to(fm.device), y.to(fm.device)
-        modules = dict(fm.module.named_modules())
+        modules = self._modules
         while True:
             logits, losses, inputs, all_deltas, changed = self._hooked_pass(x, y, self._copied)
             if not changed:

@@ -88,8 +88,11 @@ class GradientIndex:
             rng = np.random.default_rng(0)
             sample = np.sort(rng.choice(self.store.n, size=min(self.store.n, 256 * self._nlist()), replace=False))
             index.train(np.ascontiguousarray(self.store.read(sample)))
-        for _, block in bar(list(self.store.iter_blocks()), desc="faiss index", unit="block"):
+        pbar = bar(total=self.store.n, desc="faiss index", unit="row")
+        for _, block in self.store.iter_blocks():  # one block in memory besides the index
             index.add(np.ascontiguousarray(block))
+            pbar.update(len(block))
+        pbar.close()
         save_verified(path, lambda tmp: faiss.write_index(index, str(tmp)))
         return self._configure(index)
 
@@ -118,7 +121,6 @@ class GradientIndex:
         m = len(q)
         return TopK(index[:m], scores[:m], index[m:], -scores[m:])
 
-
     def _stream(self, q: np.ndarray, k: int) -> TopK:
         """Exact top-k reading the store block by block: a running candidate set of k largest and k smallest per
         query, merged with each block's scores (memory: one block and [m, block + k] scores)."""
@@ -146,11 +148,8 @@ class GradientIndex:
         scores = q @ np.asarray(rows).reshape(self.store.n, self.store.dim).T  # [m, n]
         if not np.isfinite(scores).all():
             raise UserError("the flat index holds non-finite rows: delete the cache folder and build it again")
-        big = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        big = np.take_along_axis(big, np.argsort(-np.take_along_axis(scores, big, 1), axis=1, kind="stable"), 1)
-        small = np.argpartition(scores, k - 1, axis=1)[:, :k]
-        small = np.take_along_axis(small, np.argsort(np.take_along_axis(scores, small, 1), axis=1, kind="stable"), 1)
-        return TopK(big, np.take_along_axis(scores, big, 1), small, np.take_along_axis(scores, small, 1))
+        idx = np.broadcast_to(np.arange(self.store.n), scores.shape)
+        return TopK(*_keep(idx, scores, k, largest=True), *_keep(idx, scores, k, largest=False))
 
 
 def _keep(index: np.ndarray, scores: np.ndarray, k: int, *, largest: bool) -> tuple[np.ndarray, np.ndarray]:

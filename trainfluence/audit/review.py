@@ -74,8 +74,8 @@ def label_marks(train: ImageDataset, rev: Review | None) -> dict[int, dict[str, 
     return marks
 
 
-def mark_text(mark: dict[str, Any] | None) -> str:
-    """One short caption line for a marked training image ('' when unmarked)."""
+def mark_text(mark: dict[str, Any] | None, sep: str = "; ") -> str:
+    """A short caption for a marked training image ('' when unmarked), its parts joined by ``sep``."""
     if not mark:
         return ""
     parts = []
@@ -83,7 +83,7 @@ def mark_text(mark: dict[str, Any] | None) -> str:
         parts.append(f"flip (was {mark['original_label']})")
     if "suspect_rank" in mark:
         parts.append(f"suspect → {mark['suggested_label']}")
-    return "; ".join(parts)
+    return sep.join(parts)
 
 
 __all__ = ["Review", "default_review", "label_marks", "mark_text", "review"]

@@ -240,12 +240,6 @@ def run_metas(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[tuple[Pat
     return mine, notes
 
 
-def run_checkpoints(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[Path], list[str]]:
-    """The paths of :func:`run_metas`."""
-    mine, notes = run_metas(ckpt, arch)
-    return [p for p, _ in mine], notes
-
-
 def _tracin(ctx: AuditContext) -> np.ndarray:
     key = (ctx.tracin_space, ctx.tracin_params)
     if key not in ctx._tracin_norms:  # [T, n] squared norms and the T learning rates, computed once per context
@@ -308,4 +302,4 @@ def relabel_self_influence(engine: InfluenceEngine, indices: np.ndarray, num_cla
 
 
 __all__ = ["FUSED_FINAL", "FUSED_MEMORISED", "MEMORISED", "EarlyLearning", "SCORES", "early_learning", "fused_names", "AuditContext", "rank_average", "loss_score", "margin_score", "tracin_score", "random_score",
-           "relabel_self_influence", "run_checkpoints", "run_metas", "squared_gradient_norms"]
+           "relabel_self_influence", "run_metas", "squared_gradient_norms"]

@@ -31,7 +31,7 @@ from ..settings.influence import StoreSettings
 from .format import CorruptStore, GradientStore, open_store, store_key, store_root, wipe
 
 PILOT_EXAMPLES = 256
-# examples per batched forward/backward of the factored (kronecker) path: 64 ran 1.14× (default CNN) and 1.28×
+# examples per batched forward/backward of the factored (kronecker) path: 64 ran 1.14× (default CNN) and 1.2×
 # (resnet18, 32×32) faster than 128 on 2 CPU cores — at 128 glibc hands the activations' memory back to the OS and
 # faults it in again every batch (with MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ raised, 128 ran as fast)
 FACTORED_BATCH = 64
