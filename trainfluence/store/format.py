@@ -12,7 +12,7 @@ One folder per key under the cache directory (default ``cache/``)::
         chunks/000012.json completion record of chunk 12: rows and the SHA-256 of its bytes in every array
         stest/ index-*.faiss           cached results (:mod:`.artefacts`), each with its checksum
 
-A chunk's rows are written into the memmaps and flushed, and only then its record is written (atomically), so a
+A chunk's rows are written to the files and synced, and only then its record is written (atomically), so a
 record vouches for bytes that are on disk; a record whose checksum no longer matches (a truncated or edited file)
 marks the chunk as missing.  The manifest carries a checksum of itself: a damaged manifest is detected, never
 half-read.  Arrays are allocated in full when created, so a full disk fails then, with one line, not later
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from ..errors import UserError
 from ..files import disk_full, read_json, reserve, temporary_name, write_json, DISK_FULL
@@ -151,23 +152,47 @@ class GradientStore:
     def complete(self) -> bool:
         return all(self.chunk_done(c) for c in range(self.num_chunks))
 
-    def write_chunk(self, c: int, grads: np.ndarray, loss: np.ndarray, pred: np.ndarray, label: np.ndarray) -> None:
-        """Store one chunk's rows (float32 gradients, scaled here), flush, then write its record."""
+    def write_chunk(self, c: int, grads: Any, loss: Any, pred: Any, label: Any) -> None:
+        """Store one chunk's rows (float32 gradients, a torch tensor or numpy array, scaled here), make them durable,
+        then write its record.
+
+        The rows are scaled with torch (both cores; numpy's single-threaded divide and cast took 14 ms per 1,024 ×
+        4,096 chunk against 3 ms), written with one positioned write per array and ``fdatasync``-ed (a memory map's
+        page faults and ``msync`` cost 8–18 ms per chunk); the record's checksum is of the bytes just written, the
+        same bytes :meth:`checksum` reads back on resumption."""
         start, stop = self.chunk_rows(c)
-        if grads.shape != (stop - start, self.dim):
-            raise ValueError(f"chunk {c} expects {(stop - start, self.dim)} gradients, got {grads.shape}")
+        g = torch.as_tensor(grads, dtype=torch.float32)
+        if tuple(g.shape) != (stop - start, self.dim):
+            raise ValueError(f"chunk {c} expects {(stop - start, self.dim)} gradients, got {tuple(g.shape)}")
         if self.dtype == np.float16:
-            scale = np.abs(grads).max(axis=1).astype(np.float32)
+            scale = g.abs().amax(dim=1) if len(g) else torch.ones(0)
             scale[scale == 0] = 1.0
+            stored = (g / scale[:, None]).half().numpy()
         else:
-            scale = np.ones(len(grads), dtype=np.float32)
-        values = {"grads": (grads / scale[:, None]).astype(self.dtype), "scale": scale, "loss": loss.astype(np.float32),
-                  "pred": pred.astype(np.int64), "label": label.astype(np.int64)}
-        for name, value in values.items():
-            arr = self.array(name)
-            arr[start:stop] = value
-            arr.flush()
-        write_json(self.record_path(c), {"chunk": c, "rows": [start, stop], "sha256": self.checksum(c)})
+            scale = torch.ones(len(g))
+            stored = g.numpy()
+        values = {"grads": stored, "scale": scale.numpy(), "loss": np.asarray(loss, dtype=np.float32),
+                  "pred": np.asarray(pred, dtype=np.int64), "label": np.asarray(label, dtype=np.int64)}
+        for name in ARRAYS:
+            self._write_rows(name, start, np.ascontiguousarray(values[name], dtype=self.array(name).dtype))
+        sha = fingerprint(*(np.ascontiguousarray(values[a], dtype=self.array(a).dtype) for a in ARRAYS), length=None)
+        write_json(self.record_path(c), {"chunk": c, "rows": [start, stop], "sha256": sha})
+
+    def _write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
+        """Rows from ``start`` of array ``name`` by one positioned write of its .npy file, synced to disk."""
+        arr = self.array(name)
+        if rows.shape[1:] != arr.shape[1:] or start + len(rows) > len(arr):
+            raise ValueError(f"{name}: rows {rows.shape} at {start} do not fit {arr.shape}")
+        per_row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+        fd = os.open(self.root / f"{name}.npy", os.O_WRONLY)
+        try:
+            view, at = memoryview(rows).cast("B"), arr.offset + start * per_row
+            while view:  # pwrite may write less than asked
+                written = os.pwrite(fd, view, at)
+                view, at = view[written:], at + written
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     # ---- reading ------------------------------------------------------------------------------------------
     def require_complete(self) -> None:
