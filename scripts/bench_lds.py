@@ -41,6 +41,7 @@ from benchlib import DEFAULT_MNIST, ROOT, table, update_section  # noqa: E402
 from trainfluence.checkpoint import load_checkpoint  # noqa: E402
 from trainfluence.data import DataConfig, load_dataset  # noqa: E402
 from trainfluence.influence import InfluenceEngine  # noqa: E402
+from trainfluence.settings.influence import DAMPING_AUTO_FRACTION  # noqa: E402
 from trainfluence.models import build_model  # noqa: E402
 from trainfluence.objective import FunctionalModel, Objective  # noqa: E402
 from trainfluence.train import TrainConfig, train  # noqa: E402
@@ -143,16 +144,20 @@ def paired_interval(a: np.ndarray, b: np.ndarray, draws: int = 10_000, seed: int
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+SWEEP_FRACTIONS = (0.001, 0.01, 0.1, 1.0)
+
+
 # ---- methods ------------------------------------------------------------------------------------------------------
 def ours(models: list[torch.nn.Module], train_set, test_set, wd: float, work: Path, **options: Any) -> tuple[np.ndarray, dict]:
     """τ from the trainfluence engine (averaged over ``models``), and what its solves reported."""
-    taus, reports = [], []
+    taus, reports, dampings = [], [], []
     for k, model in enumerate(models):
         with tempfile.TemporaryDirectory(dir=work) as cache:
             engine = InfluenceEngine(model, train_set, weight_decay=wd, cache_dir=cache, device="cpu", **options)
             taus.append(engine.influence(test_set))
             reports += [r.describe() for r in engine.reports]
-    return np.mean(taus, axis=0), {"solves": reports[:2]}
+            dampings.append(engine.damping)
+    return np.mean(taus, axis=0), {"solves": reports[:2], "damping": dampings}
 
 
 def kronfluence_scores(model: torch.nn.Module, train_set, test_set, damping: float | None, work: Path,
@@ -248,6 +253,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_lds"))
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
+    ap.add_argument("--damping-sweep", action="store_true",
+                    help="only the defaults at damping f × the mean Gauss–Newton eigenvalue for f in "
+                         f"{SWEEP_FRACTIONS} (the evidence for DAMPING_AUTO_FRACTION); its own section in BENCHMARKS.md")
     args = ap.parse_args()
     part = args.part
     arch, wd, cfg, default_seeds = PARTS[part]
@@ -270,9 +278,12 @@ def main() -> None:
     damping = 0.01
     rows: list[list[Any]] = []
     results: dict[str, dict] = {}
+    results_file = "results_damping.json" if args.damping_sweep else "results.json"
     methods: list[tuple[str, Callable[[], tuple[np.ndarray, dict]]]] = []
 
     def add(name: str, fn: Callable[[], tuple[np.ndarray, dict]]) -> None:
+        if args.damping_sweep and not (name == defaults or "mean GGN eigenvalue" in name):
+            return
         if args.methods is None or name in args.methods:
             methods.append((name, fn))
 
@@ -284,7 +295,14 @@ def main() -> None:
     default_solver = resolve_solver("auto", FunctionalModel(model, "all"))
     from trainfluence.settings.influence import InfluenceSettings
 
-    row(f"trainfluence defaults (solver auto → {default_solver}, damping {InfluenceSettings().damping})")
+    defaults = f"trainfluence defaults (solver auto → {default_solver}, damping {InfluenceSettings().damping})"
+    row(defaults)
+    if args.damping_sweep:  # λ = f × the mean GGN eigenvalue, from the λ the defaults row resolved (f = the default)
+        for f in SWEEP_FRACTIONS:
+            if f != DAMPING_AUTO_FRACTION:
+                add(f"trainfluence defaults, damping {f:g} × mean GGN eigenvalue",
+                    lambda f=f: ours([model], train_set, test_set, wd, work,
+                                     damping=results[defaults]["damping"][0] * f / DAMPING_AUTO_FRACTION))
     if p <= 20000:
         row("trainfluence exact, damping 0.01", solver="exact", damping=damping)
         row("trainfluence exact, damping auto", solver="exact", damping="auto")
@@ -339,7 +357,7 @@ def main() -> None:
         rho[name] = lds_per_test(tau, masks, losses)
         results[name] = {"lds": float(np.nanmean(rho[name])), "seconds": seconds, "rho": rho[name].tolist(), **info}
         print(f"  LDS {results[name]['lds']:.3f}  {seconds:.1f} s  {info.get('solves', '')}", flush=True)
-        (work / "results.json").write_text(json.dumps(results, indent=2))
+        (work / results_file).write_text(json.dumps(results, indent=2))
     for name, r in results.items():
         if "failed" in r:
             rows.append([name, "failed", "—", "—", "—", "—", r["failed"][:80]])
@@ -356,10 +374,13 @@ def main() -> None:
             diff = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         rows.append([name, r["lds"], diff, r["seconds"], "—" if pearson is None else f"{pearson:.5f}",
                      "—" if overlap is None else f"{100 * overlap:.1f}%", "; ".join(r.get("solves", []))[:110]])
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+    (work / results_file).write_text(json.dumps(results, indent=2))
 
     title = {"lr": "10-class logistic regression (7,850 parameters)", "mlp": f"MLP 784-128-128-10 ({p:,} parameters)",
              "cnn": f"default CNN ({p:,} parameters)"}[part]
+    if args.damping_sweep:
+        title += f", damping auto = f × the mean Gauss–Newton eigenvalue (the default f = {DAMPING_AUTO_FRACTION:g}; "
+        title += f"this part's λ at f = {DAMPING_AUTO_FRACTION:g}: {results[defaults]['damping'][0]:.3g})"
     body = f"""### LDS, {title}
 
 MNIST: {args.n:,} training and {args.tests} test images (seeded subsets), {args.subsets} random halves, {args.seeds}
@@ -375,7 +396,7 @@ apart by this benchmark. Pearson and top-10 overlap: against the exact solve at 
 """
     print(body)
     if not args.no_write:
-        update_section(f"lds_{part}", body)
+        update_section(f"lds_damping_{part}" if args.damping_sweep else f"lds_{part}", body)
 
 
 if __name__ == "__main__":

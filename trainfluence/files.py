@@ -130,7 +130,7 @@ def discard(path: str | os.PathLike) -> None:
 
 
 def reserve(path: Path, nbytes: int) -> None:
-    """Allocate ``nbytes`` for ``path`` now, so writing through a memory map later cannot hit a full disk."""
+    """Allocate ``nbytes`` for ``path`` now, so writing its rows later cannot hit a full disk."""
     if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
         return
     fd = os.open(path, os.O_RDWR)

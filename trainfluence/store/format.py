@@ -16,7 +16,7 @@ A chunk's rows are written to the files and synced, and only then its record is 
 record vouches for bytes that are on disk; a record whose checksum no longer matches (a truncated or edited file)
 marks the chunk as missing.  The manifest carries a checksum of itself: a damaged manifest is detected, never
 half-read.  Arrays are allocated in full when created, so a full disk fails then, with one line, not later
-through a memory map.  Shards (``--shard i/n``, or one per rank under torchrun) own disjoint contiguous runs of
+in the middle of a build.  Shards (``--shard i/n``, or one per rank under torchrun) own disjoint contiguous runs of
 chunks in the same files, so the store reads as one.
 """
 
