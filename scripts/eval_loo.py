@@ -91,7 +91,8 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float, solver
             "slope": float(act_all @ pred_all / (pred_all @ pred_all)), "points": per_point, "s_test_s": s_test_s,
             "retrain_s": retrain_s, "retrainings": len(removed) + 1, "refit": refit_args,
             "n": engine.n, "params": engine.fm.dim, "solver": solver, "solver_settings": solver_settings,
-            "damping": damping, "curvature": curvature, "weight_decay": wd, "top": top}
+            "damping": damping if damping != "auto" else f"auto (λ = {engine.damping:.3g})", "curvature": curvature,
+            "weight_decay": wd, "top": top}
 
 
 def part_logreg(args, work: Path) -> dict:
@@ -142,7 +143,7 @@ def main() -> None:
     ap.add_argument("--cnn-n", type=int, default=100)
     ap.add_argument("--cnn-epochs", type=int, default=10)
     ap.add_argument("--cnn-wd", type=float, default=0.01)
-    ap.add_argument("--cnn-damping", type=float, default=0.1,
+    ap.add_argument("--cnn-damping", type=lambda v: v if v == "auto" else float(v), default=0.1,
                     help="with --cnn-curvature hessian, the refined CNN's Hessian has eigenvalues down to about -0.04 "
                          "(measured): λ makes H + λI definite")
     ap.add_argument("--cnn-curvature", default="ggn", choices=["ggn", "hessian"])
