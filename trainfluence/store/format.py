@@ -38,6 +38,7 @@ from ..fingerprint import fingerprint
 from ..projection import ProjectionSpec, Projector
 
 FORMAT = "trainfluence-gradient-store-2"
+_sync = getattr(os, "fdatasync", os.fsync)  # fdatasync is Linux's; macOS has only fsync
 ARRAYS = ("grads", "scale", "loss", "pred", "label")
 
 
@@ -171,11 +172,11 @@ class GradientStore:
         else:
             scale = torch.ones(len(g))
             stored = g.numpy()
-        values = {"grads": stored, "scale": scale.numpy(), "loss": np.asarray(loss, dtype=np.float32),
-                  "pred": np.asarray(pred, dtype=np.int64), "label": np.asarray(label, dtype=np.int64)}
-        for name in ARRAYS:
-            self._write_rows(name, start, np.ascontiguousarray(values[name], dtype=self.array(name).dtype))
-        sha = fingerprint(*(np.ascontiguousarray(values[a], dtype=self.array(a).dtype) for a in ARRAYS), length=None)
+        given = {"grads": stored, "scale": scale.numpy(), "loss": loss, "pred": pred, "label": label}
+        values = [np.ascontiguousarray(given[name], dtype=self.array(name).dtype) for name in ARRAYS]
+        for name, rows in zip(ARRAYS, values):
+            self._write_rows(name, start, rows)
+        sha = fingerprint(*values, length=None)
         write_json(self.record_path(c), {"chunk": c, "rows": [start, stop], "sha256": sha})
 
     def _write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
@@ -190,7 +191,7 @@ class GradientStore:
             while view:  # pwrite may write less than asked
                 written = os.pwrite(fd, view, at)
                 view, at = view[written:], at + written
-            os.fdatasync(fd)
+            _sync(fd)
         finally:
             os.close(fd)
 
