@@ -138,7 +138,8 @@ def lds_per_test(tau: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.n
 def paired_interval(a: np.ndarray, b: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of a − b over test points and its 95% bootstrap interval (test points resampled, the same draws for
     both rows: the halves and their trained models are shared, so only the test points vary)."""
-    d = (a - b)[np.isfinite(a - b)]
+    d = a - b
+    d = d[np.isfinite(d)]
     idx = np.random.default_rng(seed).integers(0, len(d), size=(draws, len(d)))
     means = d[idx].mean(1)
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
@@ -367,10 +368,9 @@ def main() -> None:
         reference = taus.get(f"trainfluence exact, damping {same}")
         pearson, overlap = agreement(taus[name], reference) if reference is not None else (None, None)
         r.update(pearson_vs_exact=pearson, top10_vs_exact=overlap)
-        base = next((n for n in rho if n.startswith("trainfluence defaults (")), None)
         diff = "—"
-        if base is not None and name != base and name in rho:
-            mean, lo, hi = paired_interval(rho[base], rho[name])
+        if defaults in rho and name != defaults and name in rho:
+            mean, lo, hi = paired_interval(rho[defaults], rho[name])
             diff = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         rows.append([name, r["lds"], diff, r["seconds"], "—" if pearson is None else f"{pearson:.5f}",
                      "—" if overlap is None else f"{100 * overlap:.1f}%", "; ".join(r.get("solves", []))[:110]])

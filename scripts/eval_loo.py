@@ -49,7 +49,7 @@ def set_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
                 p.copy_(params[name])
 
 
-def loo_experiment(model, train_set, test_set, wd: float, damping: float, solver: str, solver_settings: dict,
+def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, solver: str, solver_settings: dict,
                    tests: int, top: int, work: Path, label: str, refit_args: dict, curvature: str = "ggn") -> dict:
     engine = InfluenceEngine(model, train_set, solver=solver, damping=damping, weight_decay=wd, params="all",
                              curvature=curvature, solver_settings=solver_settings, cache_dir=work / "cache")

@@ -167,7 +167,7 @@ def build_store(
             where = f"the per-example gradients of {split} examples {start}..{stop - 1}"
             require_finite(loss, where.replace("gradients", "losses"), FIX_MODEL)
             require_finite(grads, where, FIX_MODEL)
-            store.write_chunk(c, grads, loss.numpy(), pred.numpy(), y.cpu().numpy())
+            store.write_chunk(c, grads, loss, pred, y.cpu())
             done_examples += stop - start
             pbar.update(stop - start)
         pbar.close()

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import numpy as np
 import torch
@@ -38,8 +38,16 @@ from ..fingerprint import fingerprint
 from ..projection import ProjectionSpec, Projector
 
 FORMAT = "trainfluence-gradient-store-2"
+ArrayLike = Union[np.ndarray, torch.Tensor]  # rows on the CPU
 _sync = getattr(os, "fdatasync", os.fsync)  # fdatasync is Linux's; macOS has only fsync
 ARRAYS = ("grads", "scale", "loss", "pred", "label")
+
+
+def _scaled(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Stored rows → float32 gradients, values × scale[:, None], scaled in place in the one float32 copy."""
+    block = values.astype(np.float32)
+    block *= scale[:, None]
+    return block
 
 
 class CorruptStore(UserError):
@@ -153,7 +161,7 @@ class GradientStore:
     def complete(self) -> bool:
         return all(self.chunk_done(c) for c in range(self.num_chunks))
 
-    def write_chunk(self, c: int, grads: Any, loss: Any, pred: Any, label: Any) -> None:
+    def write_chunk(self, c: int, grads: ArrayLike, loss: ArrayLike, pred: ArrayLike, label: ArrayLike) -> None:
         """Store one chunk's rows (float32 gradients, a torch tensor or numpy array, scaled here), make them durable,
         then write its record.
 
@@ -166,7 +174,7 @@ class GradientStore:
         if tuple(g.shape) != (stop - start, self.dim):
             raise ValueError(f"chunk {c} expects {(stop - start, self.dim)} gradients, got {tuple(g.shape)}")
         if self.dtype == np.float16:
-            scale = g.abs().amax(dim=1) if len(g) else torch.ones(0)
+            scale = g.abs().amax(dim=1)
             scale[scale == 0] = 1.0
             stored = (g / scale[:, None]).half().numpy()
         else:
@@ -181,13 +189,12 @@ class GradientStore:
 
     def _write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         """Rows from ``start`` of array ``name`` by one positioned write of its .npy file, synced to disk."""
-        arr = self.array(name)
+        arr, at = self._row_offset(name, start)
         if rows.shape[1:] != arr.shape[1:] or start + len(rows) > len(arr):
             raise ValueError(f"{name}: rows {rows.shape} at {start} do not fit {arr.shape}")
-        per_row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
         fd = os.open(self.root / f"{name}.npy", os.O_WRONLY)
         try:
-            view, at = memoryview(rows).cast("B"), arr.offset + start * per_row
+            view = memoryview(rows).cast("B")
             while view:  # pwrite may write less than asked
                 written = os.pwrite(fd, view, at)
                 view, at = view[written:], at + written
@@ -213,16 +220,20 @@ class GradientStore:
                 sel = slice(int(sel[0]), int(sel[-1]) + 1)
         if isinstance(sel, slice) and sel.step in (None, 1):
             start, stop, _ = sel.indices(self.n)
-            return self._read_rows("grads", start, stop).astype(np.float32) * self._read_rows("scale", start, stop)[:, None]
-        return self.array("grads")[sel].astype(np.float32) * self.array("scale")[sel][:, None]
+            return _scaled(self._read_rows("grads", start, stop), self._read_rows("scale", start, stop))
+        return _scaled(self.array("grads")[sel], self.array("scale")[sel])
+
+    def _row_offset(self, name: str, start: int) -> tuple[np.memmap, int]:
+        """Array ``name`` and the byte offset of its row ``start`` in its .npy file."""
+        arr = self.array(name)
+        return arr, arr.offset + start * int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
 
     def _read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of array ``name`` by a positioned read of its .npy file."""
-        arr = self.array(name)
-        per_row = int(np.prod(arr.shape[1:], dtype=np.int64))
-        count = max(0, stop - start) * per_row
+        arr, at = self._row_offset(name, start)
+        count = max(0, stop - start) * int(np.prod(arr.shape[1:], dtype=np.int64))
         with open(self.root / f"{name}.npy", "rb") as f:
-            f.seek(arr.offset + start * per_row * arr.dtype.itemsize)
+            f.seek(at)
             out = np.fromfile(f, dtype=arr.dtype, count=count)
         if out.size != count:
             raise CorruptStore(f"gradient store {self.root}: {name}.npy is shorter than its header says: delete the "
@@ -232,9 +243,8 @@ class GradientStore:
     def iter_blocks(self, rows_per_block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, float32 block)`` over all rows, RAM bounded by the block size."""
         for start, values, scale in self.iter_stored(rows_per_block):
-            block = values.astype(np.float32)
-            del values  # not held while the caller works on the block
-            block *= scale[:, None]
+            block = _scaled(values, scale)
+            del values  # the stored copy is not held while the caller works on the block
             yield start, block
 
     def iter_stored(self, rows_per_block: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
