@@ -285,7 +285,8 @@ def main() -> None:
     def add(name: str, fn: Callable[[], tuple[np.ndarray, dict]]) -> None:
         if args.damping_sweep and not (name == defaults or "mean GGN eigenvalue" in name):
             return
-        if args.methods is None or name in args.methods:
+        # the sweep's rows scale the λ the defaults row resolves, so that row runs whatever --methods says
+        if args.methods is None or name in args.methods or (args.damping_sweep and name == defaults):
             methods.append((name, fn))
 
     def row(name: str, members: list | None = None, **options: Any) -> None:
