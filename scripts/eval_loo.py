@@ -8,7 +8,10 @@ Parts (``--part``, default all):
   cnn     the default CNN on an MNIST subset (100 images by default), the same protocol: the model refined by
           full-batch float64 L-BFGS (ReLU makes the objective non-smooth, so not to a stationary point), influence
           with damping that makes H + λI definite, each removal retrained by a fixed number of warm-started L-BFGS
-          iterations and compared with a baseline retrained the same way with nothing removed.
+          iterations and compared with a baseline retrained the same way with nothing removed.  With
+          ``--reference pbrf`` the ground truth is instead the proximal Bregman response to each removal (Bae et al.
+          2022; trainfluence.validation), which influence with the Gauss–Newton curvature approximates to first
+          order whether or not the model is at a stationary point.
 
 Every solver's agreement with the exact solve, and its time, is measured by scripts/bench_lds.py (in one run, with
 the linear datamodeling score beside it).
@@ -39,7 +42,7 @@ from trainfluence.report.figures import plt, save_figure  # noqa: E402
 from trainfluence.models import build_model  # noqa: E402
 from trainfluence.objective import FunctionalModel, Objective  # noqa: E402
 from trainfluence.train import TrainConfig, train  # noqa: E402
-from trainfluence.validation import example_losses, leave_one_out, objective_value, refit  # noqa: E402
+from trainfluence.validation import example_losses, leave_one_out, objective_value, proximal_response, refit  # noqa: E402
 
 
 def set_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
@@ -50,7 +53,10 @@ def set_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
 
 
 def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, solver: str, solver_settings: dict,
-                   tests: int, top: int, work: Path, label: str, refit_args: dict, curvature: str = "ggn") -> dict:
+                   tests: int, top: int, work: Path, label: str, refit_args: dict, curvature: str = "ggn",
+                   references: tuple[str, ...] = ("loo",), pbrf_fraction: float = 1.0) -> dict[str, dict]:
+    """Influence of every training image on a few test points, then each reference's actual change for the top
+    removals: {reference: figures}, the same influence scored against each."""
     engine = InfluenceEngine(model, train_set, solver=solver, damping=damping, weight_decay=wd, params="all",
                              curvature=curvature, solver_settings=solver_settings, cache_dir=work / "cache")
     fm, obj = engine.fm, engine.objective
@@ -64,35 +70,47 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, 
     print(f"{label}: s_test for {len(chosen)} test points, {s_test_s:.1f} s each", flush=True)
     tops = [np.argsort(-np.abs(row))[:top] for row in infl]
     removed = np.unique(np.concatenate(tops))  # every removal is retrained once and serves all test points
-    t1 = time.perf_counter()
-    done = lambda k: print(f"{label}: retrained {k}/{len(removed)} ({time.perf_counter() - t1:.0f} s)", flush=True)
-    actual_all = leave_one_out(fm, obj, train_set, (x[chosen], y[chosen]), removed, progress=done, **refit_args)
-    retrain_s = (time.perf_counter() - t1) / (len(removed) + 1)
-    pred_all, act_all, per_point = [], [], []
-    for row, (t, idx) in enumerate(zip(chosen, tops)):
-        predicted = -infl[row][idx] / engine.n
-        actual = actual_all[np.searchsorted(removed, idx), row]
-        per_point.append({"test_index": int(t), "test_loss": float(losses[t]), "pearson": float(pearsonr(predicted, actual)[0]),
-                          "spearman": float(spearmanr(predicted, actual)[0])})
-        pred_all += predicted.tolist()
-        act_all += actual.tolist()
-        print(f"{label}: test point {t}: Pearson {per_point[-1]['pearson']:.3f}", flush=True)
-    pred_all, act_all = np.array(pred_all), np.array(act_all)
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.scatter(act_all, pred_all, s=8)
-    lim = max(np.abs(pred_all).max(), np.abs(act_all).max()) * 1.1
-    ax.plot([-lim, lim], [-lim, lim], "k:")
-    ax.set_xlabel("actual change in test loss (retrained)")
-    ax.set_ylabel("predicted: −I_up,loss / n")
-    ax.set_title(label, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, Path("runs") / f"loo_{label.split()[0].lower()}.png")
-    return {"pearson": float(pearsonr(pred_all, act_all)[0]), "spearman": float(spearmanr(pred_all, act_all)[0]),
+    out = {}
+    for reference in references:
+        t1 = time.perf_counter()
+        done = lambda k: print(f"{label} ({reference}): retrained {k}/{len(removed)} ({time.perf_counter() - t1:.0f} s)",
+                               flush=True)
+        if reference == "pbrf":  # that share of each image removed, the change divided by it
+            actual_all = proximal_response(fm, obj, train_set, (x[chosen], y[chosen]), removed, engine.damping,
+                                           progress=done, fraction=pbrf_fraction, **refit_args) / pbrf_fraction
+            retrainings = len(removed)
+        else:
+            actual_all = leave_one_out(fm, obj, train_set, (x[chosen], y[chosen]), removed, progress=done, **refit_args)
+            retrainings = len(removed) + 1  # and the baseline
+        retrain_s = (time.perf_counter() - t1) / retrainings
+        pred_all, act_all, per_point = [], [], []
+        for row, (t, idx) in enumerate(zip(chosen, tops)):
+            predicted = -infl[row][idx] / engine.n
+            actual = actual_all[np.searchsorted(removed, idx), row]
+            per_point.append({"test_index": int(t), "test_loss": float(losses[t]),
+                              "pearson": float(pearsonr(predicted, actual)[0]), "spearman": float(spearmanr(predicted, actual)[0])})
+            pred_all += predicted.tolist()
+            act_all += actual.tolist()
+            print(f"{label} ({reference}): test point {t}: Pearson {per_point[-1]['pearson']:.3f}", flush=True)
+        pred_all, act_all = np.array(pred_all), np.array(act_all)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(act_all, pred_all, s=8)
+        lim = max(np.abs(pred_all).max(), np.abs(act_all).max()) * 1.1
+        ax.plot([-lim, lim], [-lim, lim], "k:")
+        ax.set_xlabel("actual change in test loss (" + ("retrained" if reference == "loo" else "proximal Bregman response") + ")")
+        ax.set_ylabel("predicted: −I_up,loss / n")
+        ax.set_title(label, fontsize=9)
+        fig.tight_layout()
+        save_figure(fig, Path("runs") / f"loo_{label.split()[0].lower()}{'' if reference == 'loo' else '_' + reference}.png")
+        out[reference] = {
+            "pearson": float(pearsonr(pred_all, act_all)[0]), "spearman": float(spearmanr(pred_all, act_all)[0]),
             "slope": float(act_all @ pred_all / (pred_all @ pred_all)), "points": per_point, "s_test_s": s_test_s,
-            "retrain_s": retrain_s, "retrainings": len(removed) + 1, "refit": refit_args,
+            "retrain_s": retrain_s, "retrainings": retrainings, "refit": refit_args, "reference": reference,
+            "fraction": pbrf_fraction if reference == "pbrf" else 1.0,
             "n": engine.n, "params": engine.fm.dim, "solver": solver, "solver_settings": solver_settings,
             "damping": damping if damping != "auto" else f"auto (λ = {engine.damping:.3g})", "curvature": curvature,
             "weight_decay": wd, "top": top}
+    return out
 
 
 def part_logreg(args, work: Path) -> dict:
@@ -105,12 +123,12 @@ def part_logreg(args, work: Path) -> dict:
     set_params(model, refit(fm, Objective(args.logreg_wd), train_set, max_iter=2000))
     fit_s = time.perf_counter() - t0
     r = loo_experiment(model, train_set, test_set, args.logreg_wd, 0.0, "cg", {"rtol": 1e-10, "maxiter": 2000},
-                       args.tests, args.top, work, "Logistic regression (MNIST)", {"max_iter": 500})
+                       args.tests, args.top, work, "Logistic regression (MNIST)", {"max_iter": 500})["loo"]
     r["fit_s"] = fit_s
     return r
 
 
-def part_cnn(args, work: Path) -> dict:
+def part_cnn(args, work: Path) -> dict[str, dict]:
     cfg = DataConfig("mnist", data_root=args.data_root, train_size=args.cnn_n, test_size=1000)
     train_set, test_set = load_dataset(cfg, "train"), load_dataset(cfg, "test")
     train(TrainConfig(epochs=args.cnn_epochs, weight_decay=args.cnn_wd), train_set, test_set, work / "cnn", progress=False)
@@ -125,11 +143,16 @@ def part_cnn(args, work: Path) -> dict:
     objective_value(fm, objective, params, x, y).backward()
     grad_norm = float(torch.cat([p.grad.flatten() for p in params.values()]).norm())
     print(f"CNN refined by {args.cnn_refine} L-BFGS iterations in {refine_s:.0f} s; gradient norm {grad_norm:.2e}", flush=True)
-    r = loo_experiment(model, train_set, test_set, args.cnn_wd, args.cnn_damping, "cg", {"rtol": 1e-6, "maxiter": args.cnn_cg_maxiter},
-                       args.tests, args.top, work, "Default CNN (MNIST subset)", {"max_iter": args.cnn_refit},
-                       curvature=args.cnn_curvature)
-    r.update(refine_s=refine_s, refine_iterations=args.cnn_refine, gradient_norm=grad_norm, epochs=args.cnn_epochs)
-    return r
+    got = loo_experiment(model, train_set, test_set, args.cnn_wd, args.cnn_damping, "cg",
+                         {"rtol": 1e-6, "maxiter": args.cnn_cg_maxiter}, args.tests, args.top, work,
+                         "Default CNN (MNIST subset)", {"max_iter": args.cnn_refit}, curvature=args.cnn_curvature,
+                         references=tuple(args.reference), pbrf_fraction=args.pbrf_fraction)
+    out = {}
+    for reference, r in got.items():
+        r.update(refine_s=refine_s, refine_iterations=args.cnn_refine, gradient_norm=grad_norm, epochs=args.cnn_epochs)
+        key = "cnn" if reference == "loo" else "cnn_pbrf" + ("" if r["fraction"] == 1 else f"_{r['fraction']:g}")
+        out[key] = r
+    return out
 
 
 def main() -> None:
@@ -150,6 +173,11 @@ def main() -> None:
     ap.add_argument("--cnn-refine", type=int, default=300, help="L-BFGS iterations before influence (not to a stationary point)")
     ap.add_argument("--cnn-refit", type=int, default=100, help="L-BFGS iterations of each retraining (and of the baseline)")
     ap.add_argument("--cnn-cg-maxiter", type=int, default=300)
+    ap.add_argument("--reference", nargs="+", default=["loo"], choices=["loo", "pbrf"],
+                    help="the CNN's ground truth: leave-one-out retraining, and/or the proximal Bregman response")
+    ap.add_argument("--pbrf-fraction", type=float, default=1.0,
+                    help="the share of each image the proximal response removes (its change divided by it): below 1 it "
+                         "measures the derivative that influence predicts, free of the removal's higher-order terms")
     ap.add_argument("--json", default="runs/eval_loo.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_loo_"))
@@ -157,7 +185,8 @@ def main() -> None:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     parts = {"logreg": part_logreg, "cnn": part_cnn}
     for name in args.part:
-        results[name] = parts[name](args, work)
+        got = parts[name](args, work)
+        results.update(got if name == "cnn" else {name: got})
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=1))
     update_section("loo", render(results))
@@ -165,14 +194,21 @@ def main() -> None:
 
 def render(r: dict) -> str:
     lines = ["### Influence vs leave-one-out retraining (Koh & Liang Fig. 2 protocol), MNIST", ""]
-    for key, title in (("logreg", "10-class logistic regression, L2"), ("cnn", "default CNN (all parameters)")):
+    titles = {"logreg": "10-class logistic regression, L2", "cnn": "default CNN (all parameters)",
+              "cnn_pbrf": "default CNN (all parameters) against the proximal Bregman response"}
+    for key in ["logreg", "cnn"] + sorted(k for k in r if k.startswith("cnn_pbrf")):
         if key not in r:
             continue
         e = r[key]
+        fraction = e.get("fraction", 1.0)
+        title = titles["cnn_pbrf"] + (f" to removing {fraction:g} of each image, divided by {fraction:g}" if fraction != 1 else "") \
+            if key.startswith("cnn_pbrf") else titles[key]
         lines.append(f"**{title}**: n = {e['n']:,} training images, {e['params']:,} parameters, wd = {e['weight_decay']}, "
                      f"curvature {e.get('curvature', 'hessian')}, damping {e['damping']}, solver {e['solver']} {e['solver_settings']}; top {e['top']} training images by "
-                     f"|influence| for each of {len(e['points'])} test points, each removed and the model retrained "
-                     f"(warm-started L-BFGS). **Pearson {e['pearson']:.3f}, Spearman {e['spearman']:.3f}** over all "
+                     f"|influence| for each of {len(e['points'])} test points, each removed and "
+                     + ("the model retrained (warm-started L-BFGS)" if e.get("reference", "loo") == "loo" else
+                        "its proximal Bregman response minimised" if e.get("fraction", 1.0) == 1 else
+                        f"{e['fraction']:g} of its weight removed and the proximal Bregman response minimised") + f". **Pearson {e['pearson']:.3f}, Spearman {e['spearman']:.3f}** over all "
                      f"pairs; slope actual/predicted {e['slope']:.2f}; {e['s_test_s']:.1f} s per s_test.")
         if "refine_iterations" in e:
             lines.append("")
@@ -181,9 +217,14 @@ def render(r: dict) -> str:
                          f"stationary point (gradient norm {e['gradient_norm']:.1e}: ReLU and max-pool make the objective "
                          "non-smooth and L-BFGS stalls); " + ("the Gauss–Newton curvature is positive semi-definite there" if
                          e.get("curvature") == "ggn" else "its Hessian is indefinite, so damping makes H + λI definite") + ". Each "
-                         f"retraining is {e['refit']['max_iter']} L-BFGS iterations from the refined parameters, and the actual "
-                         f"change is measured against a baseline retrained the same way with nothing removed ({e['retrainings']} "
-                         f"retrainings, {e['retrain_s']:.0f} s each).")
+                         + (f"retraining is {e['refit']['max_iter']} L-BFGS iterations from the refined parameters, and the actual "
+                            f"change is measured against a baseline retrained the same way with nothing removed ({e['retrainings']} "
+                            f"retrainings, {e['retrain_s']:.0f} s each)." if e.get("reference", "loo") == "loo" else
+                            f"removal's proximal Bregman response (trainfluence.validation.proximal_response: the KL "
+                            f"divergence to the refined model's outputs on every training image, minus the removed image's "
+                            f"loss, plus (wd + λ)/2 ‖θ − θ̂‖²) is minimised by {e['refit']['max_iter']} L-BFGS iterations from the "
+                            f"refined parameters, which are its solution with nothing removed ({e['retrainings']} "
+                            f"minimisations, {e['retrain_s']:.0f} s each)."))
         lines.append("")
         lines.append(table(["test point", "test loss", "Pearson", "Spearman"],
                            [[p["test_index"], p["test_loss"], p["pearson"], p["spearman"]] for p in e["points"]]))

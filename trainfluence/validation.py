@@ -12,6 +12,19 @@ the prediction −I_up,loss(z, z_test)/n without a rescaling of the regulariser.
 The baseline of ``leave_one_out`` is the same refit with every weight one, not the checkpoint itself: where the
 checkpoint is the optimum (convex models) the two agree, and where it is only near a stationary point (a ReLU
 network, whose objective is not smooth) the drift that any further optimisation adds cancels in the difference.
+
+``proximal_response`` is the other ground truth, the one that influence with the Gauss–Newton curvature answers
+to first order at any checkpoint, stationary or not: the proximal Bregman response function (PBRF; Bae, Ng, Lo,
+Ghassemi & Grosse 2022).  Removing zₘ from a checkpoint θ̂:
+
+    θˢ = argmin_θ  (1/n) Σⱼ D(f(θ, xⱼ), f(θ̂, xⱼ)) − (1/n) ℓ(zₘ, θ) + ((wd + λ)/2) ‖θ − θ̂‖²
+
+with D(f, f̂) = ℓ(f) − ℓ(f̂) − ∇ℓ(f̂)ᵀ(f − f̂) the loss's Bregman divergence in output space (for cross-entropy
+KL(softmax f̂ ‖ softmax f), whatever the label) and (wd/2)‖θ − θ̂‖² the weight decay's own.  At θ = θ̂ every term
+but the removal has zero value and gradient, so θˢ − θ̂ = (1/n)(G + (wd + λ)I)⁻¹∇ℓ(zₘ, θ̂) + O(1/n²), G the
+Gauss–Newton matrix: the prediction −I_up,loss/n with ``curvature="ggn"`` and damping λ.  Leave-one-out retraining
+differs from it where the model is not at a convex optimum (the Hessian's negative and third-order parts, the
+optimiser's path), which is what separates the two ground truths on a deep net.
 """
 
 from __future__ import annotations
@@ -74,6 +87,49 @@ def leave_one_out(fm: FunctionalModel, objective: Objective, train: Any, test: A
         w[int(i)] = 0.0
         params = refit(fm, objective, source, weights=w, **refit_args)
         out.append(example_losses(fm, objective, params, test) - base)
+        if progress is not None:
+            progress(len(out))
+    return np.array(out)
+
+
+def proximal_response(fm: FunctionalModel, objective: Objective, train: Any, test: Any, indices: np.ndarray,
+                      damping: float, progress: Callable[[int], None] | None = None, max_iter: int = 100,
+                      tolerance: float = 1e-12, fraction: float = 1.0) -> np.ndarray:
+    """Change of each test loss under the proximal Bregman response to removing each of ``indices`` (module
+    docstring): [len(indices), m].  ``fraction`` < 1 removes that share of the example's weight (ε = −fraction/n):
+    the change divided by ``fraction`` tends, as it shrinks, to the derivative that influence predicts.  Each θˢ
+    by full-batch L-BFGS (strong Wolfe) from the checkpoint θ̂, which is the response with nothing removed, so no
+    baseline refit is needed."""
+    x, y = as_source(train).tensors()
+    x, y = x.to(fm.device), y.to(fm.device)
+    anchor = {n: fm.params[n].detach() for n in fm.names}
+    with torch.no_grad():
+        f0 = objective.outputs(lambda inp: fm(anchor, inp), x)
+    f0.requires_grad_(True)
+    loss0 = objective.loss(f0, y)
+    (g0,) = torch.autograd.grad(loss0.sum(), f0)  # ∇ℓ(f̂) of each example (the rows are independent)
+    f0, loss0 = f0.detach(), loss0.detach()
+    proximity = objective.weight_decay + damping
+    base = example_losses(fm, objective, anchor, test)
+    out = []
+    for m in np.asarray(indices).tolist():
+        theta = [anchor[n].clone().requires_grad_(True) for n in fm.names]
+        opt = torch.optim.LBFGS(theta, lr=1, max_iter=max_iter, tolerance_grad=tolerance,
+                                tolerance_change=tolerance**2, history_size=50, line_search_fn="strong_wolfe")
+
+        def closure(m: int = m) -> torch.Tensor:
+            opt.zero_grad()
+            params = dict(zip(fm.names, theta))
+            f = objective.outputs(lambda inp: fm(params, inp), x)
+            loss = objective.loss(f, y)
+            bregman = loss - loss0 - (g0 * (f - f0)).sum(-1)
+            value = (bregman.sum() - fraction * loss[m]) / len(loss)
+            value = value + 0.5 * proximity * sum(((t - anchor[n]) ** 2).sum() for n, t in zip(fm.names, theta))
+            value.backward()
+            return value
+
+        opt.step(closure)
+        out.append(example_losses(fm, objective, {n: t.detach() for n, t in zip(fm.names, theta)}, test) - base)
         if progress is not None:
             progress(len(out))
     return np.array(out)
