@@ -51,15 +51,21 @@ def refit(fm: FunctionalModel, objective: Objective, data: Any, *, weights: torc
     x, y = as_source(data).tensors()
     x, y = x.to(fm.device), y.to(fm.device)
     start = init or fm.params
+    return _minimise(fm, lambda params: objective_value(fm, objective, params, x, y, weights), start, max_iter, tolerance)
+
+
+def _minimise(fm: FunctionalModel, value: Callable[[Params], torch.Tensor], start: Params, max_iter: int,
+              tolerance: float) -> Params:
+    """argmin of ``value`` over the selected parameters by full-batch L-BFGS (strong Wolfe) from ``start``."""
     theta = [start[n].detach().clone().requires_grad_(True) for n in fm.names]
     opt = torch.optim.LBFGS(theta, lr=1, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=tolerance ** 2,
                             history_size=50, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        value = objective_value(fm, objective, dict(zip(fm.names, theta)), x, y, weights)
-        value.backward()
-        return value
+        v = value(dict(zip(fm.names, theta)))
+        v.backward()
+        return v
 
     opt.step(closure)
     return {n: t.detach() for n, t in zip(fm.names, theta)}
@@ -113,23 +119,15 @@ def proximal_response(fm: FunctionalModel, objective: Objective, train: Any, tes
     base = example_losses(fm, objective, anchor, test)
     out = []
     for m in np.asarray(indices).tolist():
-        theta = [anchor[n].clone().requires_grad_(True) for n in fm.names]
-        opt = torch.optim.LBFGS(theta, lr=1, max_iter=max_iter, tolerance_grad=tolerance,
-                                tolerance_change=tolerance**2, history_size=50, line_search_fn="strong_wolfe")
 
-        def closure(m: int = m) -> torch.Tensor:
-            opt.zero_grad()
-            params = dict(zip(fm.names, theta))
+        def value(params: Params, m: int = m) -> torch.Tensor:
             f = objective.outputs(lambda inp: fm(params, inp), x)
             loss = objective.loss(f, y)
             bregman = loss - loss0 - (g0 * (f - f0)).sum(-1)
-            value = (bregman.sum() - fraction * loss[m]) / len(loss)
-            value = value + 0.5 * proximity * sum(((t - anchor[n]) ** 2).sum() for n, t in zip(fm.names, theta))
-            value.backward()
-            return value
+            moved = sum(((params[n] - anchor[n]) ** 2).sum() for n in fm.names)
+            return (bregman.sum() - fraction * loss[m]) / len(loss) + 0.5 * proximity * moved
 
-        opt.step(closure)
-        out.append(example_losses(fm, objective, {n: t.detach() for n, t in zip(fm.names, theta)}, test) - base)
+        out.append(example_losses(fm, objective, _minimise(fm, value, anchor, max_iter, tolerance), test) - base)
         if progress is not None:
             progress(len(out))
     return np.array(out)
