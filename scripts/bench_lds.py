@@ -282,11 +282,11 @@ def main() -> None:
     results_file = "results_damping.json" if args.damping_sweep else "results.json"
     methods: list[tuple[str, Callable[[], tuple[np.ndarray, dict]]]] = []
 
-    def add(name: str, fn: Callable[[], tuple[np.ndarray, dict]]) -> None:
-        if args.damping_sweep and not (name == defaults or "mean GGN eigenvalue" in name):
-            return
-        # the sweep's rows scale the λ the defaults row resolves, so that row runs whatever --methods says
-        if args.methods is None or name in args.methods or (args.damping_sweep and name == defaults):
+    def add(name: str, fn: Callable[[], tuple[np.ndarray, dict]], sweep: bool = False) -> None:
+        """A row, if this run wants it: with --damping-sweep only the sweep's rows and the defaults row (whatever
+        --methods says: the sweep scales the λ it resolves)."""
+        chosen = args.methods is None or name in args.methods
+        if (chosen and sweep == args.damping_sweep) or (args.damping_sweep and name == defaults):
             methods.append((name, fn))
 
     def row(name: str, members: list | None = None, **options: Any) -> None:
@@ -304,7 +304,8 @@ def main() -> None:
             if f != DAMPING_AUTO_FRACTION:
                 add(f"trainfluence defaults, damping {f:g} × mean GGN eigenvalue",
                     lambda f=f: ours([model], train_set, test_set, wd, work,
-                                     damping=results[defaults]["damping"][0] * f / DAMPING_AUTO_FRACTION))
+                                     damping=results[defaults]["damping"][0] * f / DAMPING_AUTO_FRACTION),
+                    sweep=True)
     if p <= 20000:
         row("trainfluence exact, damping 0.01", solver="exact", damping=damping)
         row("trainfluence exact, damping auto", solver="exact", damping="auto")

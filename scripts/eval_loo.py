@@ -192,23 +192,37 @@ def main() -> None:
     update_section("loo", render(results))
 
 
+def _reference_text(e: dict) -> tuple[str, str]:
+    """How an entry's ground truth was obtained: (what was done to each top image, the sentence on the refits)."""
+    if e.get("reference", "loo") == "loo":
+        return ("each removed and the model retrained (warm-started L-BFGS)",
+                f"Each retraining is {e['refit']['max_iter']} L-BFGS iterations from the refined parameters, and the "
+                f"actual change is measured against a baseline retrained the same way with nothing removed "
+                f"({e['retrainings']} retrainings, {e['retrain_s']:.0f} s each).")
+    fraction = e.get("fraction", 1.0)
+    how = ("each removed and its proximal Bregman response minimised" if fraction == 1 else
+           f"each with {fraction:g} of its weight removed and its proximal Bregman response minimised, the change "
+           f"divided by {fraction:g}")
+    return (how, "Each response (trainfluence.validation.proximal_response: the KL divergence to the refined model's "
+                 "outputs on every training image, minus the removed share of the image's loss, plus (wd + λ)/2 "
+                 f"‖θ − θ̂‖²) is minimised by {e['refit']['max_iter']} L-BFGS iterations from the refined parameters, "
+                 f"which are its solution with nothing removed ({e['retrainings']} minimisations, "
+                 f"{e['retrain_s']:.0f} s each).")
+
+
 def render(r: dict) -> str:
     lines = ["### Influence vs leave-one-out retraining (Koh & Liang Fig. 2 protocol), MNIST", ""]
-    titles = {"logreg": "10-class logistic regression, L2", "cnn": "default CNN (all parameters)",
-              "cnn_pbrf": "default CNN (all parameters) against the proximal Bregman response"}
+    titles = {"logreg": "10-class logistic regression, L2", "cnn": "default CNN (all parameters)"}
     for key in ["logreg", "cnn"] + sorted(k for k in r if k.startswith("cnn_pbrf")):
         if key not in r:
             continue
         e = r[key]
-        fraction = e.get("fraction", 1.0)
-        title = titles["cnn_pbrf"] + (f" to removing {fraction:g} of each image, divided by {fraction:g}" if fraction != 1 else "") \
-            if key.startswith("cnn_pbrf") else titles[key]
+        title = titles.get(key, "default CNN (all parameters) against the proximal Bregman response")
+        how, refit_sentence = _reference_text(e)
         lines.append(f"**{title}**: n = {e['n']:,} training images, {e['params']:,} parameters, wd = {e['weight_decay']}, "
                      f"curvature {e.get('curvature', 'hessian')}, damping {e['damping']}, solver {e['solver']} {e['solver_settings']}; top {e['top']} training images by "
-                     f"|influence| for each of {len(e['points'])} test points, each removed and "
-                     + ("the model retrained (warm-started L-BFGS)" if e.get("reference", "loo") == "loo" else
-                        "its proximal Bregman response minimised" if e.get("fraction", 1.0) == 1 else
-                        f"{e['fraction']:g} of its weight removed and the proximal Bregman response minimised") + f". **Pearson {e['pearson']:.3f}, Spearman {e['spearman']:.3f}** over all "
+                     f"|influence| for each of {len(e['points'])} test points, {how}. "
+                     f"**Pearson {e['pearson']:.3f}, Spearman {e['spearman']:.3f}** over all "
                      f"pairs; slope actual/predicted {e['slope']:.2f}; {e['s_test_s']:.1f} s per s_test.")
         if "refine_iterations" in e:
             lines.append("")
@@ -216,15 +230,8 @@ def render(r: dict) -> str:
                          f"{e['refine_iterations']} full-batch L-BFGS iterations in float64 ({e['refine_s']:.0f} s); it is not at a "
                          f"stationary point (gradient norm {e['gradient_norm']:.1e}: ReLU and max-pool make the objective "
                          "non-smooth and L-BFGS stalls); " + ("the Gauss–Newton curvature is positive semi-definite there" if
-                         e.get("curvature") == "ggn" else "its Hessian is indefinite, so damping makes H + λI definite") + ". Each "
-                         + (f"retraining is {e['refit']['max_iter']} L-BFGS iterations from the refined parameters, and the actual "
-                            f"change is measured against a baseline retrained the same way with nothing removed ({e['retrainings']} "
-                            f"retrainings, {e['retrain_s']:.0f} s each)." if e.get("reference", "loo") == "loo" else
-                            f"removal's proximal Bregman response (trainfluence.validation.proximal_response: the KL "
-                            f"divergence to the refined model's outputs on every training image, minus the removed image's "
-                            f"loss, plus (wd + λ)/2 ‖θ − θ̂‖²) is minimised by {e['refit']['max_iter']} L-BFGS iterations from the "
-                            f"refined parameters, which are its solution with nothing removed ({e['retrainings']} "
-                            f"minimisations, {e['retrain_s']:.0f} s each)."))
+                         e.get("curvature") == "ggn" else "its Hessian is indefinite, so damping makes H + λI definite")
+                         + ". " + refit_sentence)
         lines.append("")
         lines.append(table(["test point", "test loss", "Pearson", "Spearman"],
                            [[p["test_index"], p["test_loss"], p["pearson"], p["spearman"]] for p in e["points"]]))

@@ -86,13 +86,23 @@ def leave_one_out(fm: FunctionalModel, objective: Objective, train: Any, test: A
     ``progress`` (optional) is called after each refit with the number done.
     """
     source = as_source(train)
-    base = example_losses(fm, objective, refit(fm, objective, source, **refit_args), test)
-    out = []
-    for i in indices:
+
+    def without(i: int) -> Params:
         w = torch.ones(len(source))
-        w[int(i)] = 0.0
-        params = refit(fm, objective, source, weights=w, **refit_args)
-        out.append(example_losses(fm, objective, params, test) - base)
+        w[i] = 0.0
+        return refit(fm, objective, source, weights=w, **refit_args)
+
+    base = refit(fm, objective, source, **refit_args)
+    return _test_changes(fm, objective, test, base, without, indices, progress)
+
+
+def _test_changes(fm: FunctionalModel, objective: Objective, test: Any, base: Params, fit: Callable[[int], Params],
+                  indices: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
+    """[len(indices), m]: test losses at ``fit(i)`` minus those at ``base``, for each i; ``progress(done)`` after each."""
+    before = example_losses(fm, objective, base, test)
+    out = []
+    for i in np.asarray(indices).tolist():
+        out.append(example_losses(fm, objective, fit(int(i)), test) - before)
         if progress is not None:
             progress(len(out))
     return np.array(out)
@@ -116,18 +126,15 @@ def proximal_response(fm: FunctionalModel, objective: Objective, train: Any, tes
     (g0,) = torch.autograd.grad(loss0.sum(), f0)  # ∇ℓ(f̂) of each example (the rows are independent)
     f0, loss0 = f0.detach(), loss0.detach()
     proximity = objective.weight_decay + damping
-    base = example_losses(fm, objective, anchor, test)
-    out = []
-    for m in np.asarray(indices).tolist():
 
-        def value(params: Params, m: int = m) -> torch.Tensor:
+    def response(m: int) -> Params:
+        def value(params: Params) -> torch.Tensor:
             f = objective.outputs(lambda inp: fm(params, inp), x)
             loss = objective.loss(f, y)
             bregman = loss - loss0 - (g0 * (f - f0)).sum(-1)
             moved = sum(((params[n] - anchor[n]) ** 2).sum() for n in fm.names)
             return (bregman.sum() - fraction * loss[m]) / len(loss) + 0.5 * proximity * moved
 
-        out.append(example_losses(fm, objective, _minimise(fm, value, anchor, max_iter, tolerance), test) - base)
-        if progress is not None:
-            progress(len(out))
-    return np.array(out)
+        return _minimise(fm, value, anchor, max_iter, tolerance)
+
+    return _test_changes(fm, objective, test, anchor, response, indices, progress)
