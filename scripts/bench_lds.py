@@ -146,6 +146,7 @@ def paired_interval(a: np.ndarray, b: np.ndarray, draws: int = 10_000, seed: int
 
 
 SWEEP_FRACTIONS = (0.001, 0.01, 0.1, 1.0)
+ENSEMBLE_PARTS = ("mlp", "cnn")  # parts with five independently trained models, for the ensemble rows
 
 
 # ---- methods ------------------------------------------------------------------------------------------------------
@@ -203,6 +204,12 @@ def kronfluence_scores(model: torch.nn.Module, train_set, test_set, damping: flo
                                          score_args=ScoreArguments(damping_factor=damping))
         scores = analyzer.load_pairwise_scores(name)["all_modules"].double().numpy()
     return -scores, {}  # Kronfluence: positive = helpful (lowers the query loss); ours: I_up,loss, positive = harmful
+
+
+def kronfluence_ensemble(models: list[torch.nn.Module], train_set, test_set, damping: float | None,
+                         work: Path) -> tuple[np.ndarray, dict]:
+    """Kronfluence's scores averaged over ``models`` (each with its own factors), as ours average over members."""
+    return np.mean([kronfluence_scores(m, train_set, test_set, damping, work)[0] for m in models], axis=0), {}
 
 
 def trak_scores(models: list[torch.nn.Module], train_set, test_set, work: Path, proj_dim: int = 2048) -> tuple[np.ndarray, dict]:
@@ -267,7 +274,7 @@ def main() -> None:
     train_set, test_set = mnist_subset(args)
     print(f"{part}: {len(train_set)} training images, {len(test_set)} test images; training the models …", flush=True)
     models = []
-    for s in range(5 if part == "mlp" else 1):
+    for s in range(5 if part in ENSEMBLE_PARTS else 1):
         folder = work / f"model-{s}"
         if (folder / "final.pt").is_file() and cfg is not None:
             models.append(load_checkpoint(folder / "final.pt").model)
@@ -322,7 +329,7 @@ def main() -> None:
         for d in (damping, "auto"):
             if not (solver == default_solver and d == "auto"):
                 row(f"trainfluence {solver}, damping {d}", solver=solver, damping=d)
-    if part == "mlp":
+    if part in ENSEMBLE_PARTS:
         row("trainfluence defaults, 5 models", members=models)
     if part in ("mlp", "cnn"):
         for k in (4096, 16384):
@@ -335,13 +342,16 @@ def main() -> None:
 
             add("Kronfluence EK-FAC, its heuristic damping", lambda: kronfluence_scores(model, train_set, test_set, None, work))
             add(f"Kronfluence EK-FAC, damping {damping}", lambda: kronfluence_scores(model, train_set, test_set, damping, work))
+            if part in ENSEMBLE_PARTS:
+                add("Kronfluence EK-FAC, its heuristic damping, 5 models",
+                    lambda: kronfluence_ensemble(models, train_set, test_set, None, work))
         except ImportError:
             print("Kronfluence not installed: skipped (pip install -e '.[bench]')")
         try:
             import trak  # noqa: F401
 
             add("TRAK, 1 model", lambda: trak_scores([model], train_set, test_set, work))
-            if part == "mlp":
+            if part in ENSEMBLE_PARTS:
                 add("TRAK, 5 models", lambda: trak_scores(models, train_set, test_set, work))
         except ImportError:
             print("TRAK not installed: skipped (pip install -e '.[bench]')")
