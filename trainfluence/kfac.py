@@ -102,6 +102,51 @@ class _Layer:
             return out_grad.flatten(3).transpose(2, 3)
         return out_grad.reshape(out_grad.shape[0], out_grad.shape[1], -1, out_grad.shape[-1])
 
+    def factor_sums(self, inp: torch.Tensor, out_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Σ aₜaₜᵀ [in, in] and Σ δₜδₜᵀ [out, out] over the batch's examples, positions (and, for δ, the K output
+        cotangents), and the number of positions summed.  A convolution's are batched matmuls on the unfolded
+        patches and on δ as the backward pass gives it ([B, ·, T] layouts, no transposed copies); the bias
+        column's row and column of A are the patches' sums and the count, not a concatenated column of ones."""
+        if self.conv is None:
+            a, d = self.inputs(inp), _Layer.deltas(out_grad)
+            a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+            return a2.T @ a2, d2.T @ d2, a.shape[0] * a.shape[1]
+        patches = F.unfold(inp, **self.conv)  # [B, C·kh·kw, T]
+        d = out_grad.flatten(3).flatten(0, 1)  # [K·B, out, T]
+        S = torch.bmm(d, d.transpose(1, 2)).sum(0)
+        A = torch.bmm(patches, patches.transpose(1, 2)).sum(0)
+        positions = patches.shape[0] * patches.shape[2]
+        if self.bias is not None:
+            col = patches.sum((0, 2))
+            A = torch.cat([torch.cat([A, col[:, None]], 1),
+                           torch.cat([col, col.new_tensor([float(positions)])])[None, :]], 0)
+        return A, S, positions
+
+    def rotated_squares(self, inp: torch.Tensor, out_grad: torch.Tensor) -> torch.Tensor:
+        """Σ over the K output cotangents and the B examples of (Q_Sᵀ Gᵢ Q_A)² [out, in], from the layer's input
+        and its output gradients [K, B, …] (the EK-FAC correction's sum for one batch).
+
+        A convolution never forms its unfolded patches: Q_Aᵀ aₜ for every position is one conv2d with Q_A's
+        columns as kernels (and the bias column's row as the convolution's bias), [B, in, T]; then, one cotangent
+        at a time, Σₜ δₜ (Q_Aᵀ aₜ)ᵀ is a batched matmul [B, out, T]·[B, T, in] on δ as the backward pass gives it,
+        and Q_Sᵀ is applied to that small product — no [K, B, T, ·] copies."""
+        QA, QS = self.QA.to(inp.device, inp.dtype), self.QS.to(inp.device, inp.dtype)
+        if self.conv is None:
+            a = self.inputs(inp) @ QA  # [B, T, in]
+            d = _Layer.deltas(out_grad) @ QS  # [K, B, T, out]
+            if a.shape[1] == 1:  # one position: (Q_Sᵀ δ aᵀ Q_A)² = (Q_Sᵀδ)² ((Q_Aᵀa)²)ᵀ, no [B, out, in] tensor
+                return torch.einsum("kbo,bj->oj", d[:, :, 0].pow(2), a[:, 0].pow(2))
+            return torch.einsum("kbto,btj->kboj", d, a).pow(2).sum((0, 1))
+        c = self.conv
+        weights = QA[: QA.shape[0] - int(self.bias is not None)].T  # [in, C·kh·kw]: row j = eigenvector j
+        a = F.conv2d(inp, weights.reshape(len(weights), inp.shape[1], *c["kernel_size"]),
+                     bias=QA[-1] if self.bias is not None else None, stride=c["stride"], padding=c["padding"],
+                     dilation=c["dilation"]).flatten(2).transpose(1, 2)  # [B, T, in]
+        total = torch.zeros(QS.shape[1], QA.shape[1], dtype=inp.dtype, device=inp.device)
+        for d in out_grad.flatten(3):  # [B, out, T] per cotangent
+            total += (QS.T @ torch.bmm(d, a)).pow(2).sum(0)
+        return total
+
 
 @dataclass
 class KroneckerCurvature:
@@ -143,13 +188,12 @@ class KroneckerCurvature:
                 h.remove()
         return logits, inputs, outputs
 
-    def _class_deltas(self, logits: torch.Tensor, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Every layer's δ for every output cotangent u_c (Σ_c u_c u_cᵀ = H_f) at once: [K, B, T, out] per layer —
-        one batched backward pass over the K cotangents."""
+    def _output_grads(self, logits: torch.Tensor, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Every layer's output gradient for every output cotangent u_c (Σ_c u_c u_cᵀ = H_f) at once, [K, B, …]
+        per layer — one batched backward pass over the K cotangents."""
         factors = self.objective.output_hessian_factors(logits.detach()).to(logits.dtype)  # [K, B, K]
         targets = [outputs[layer.module] for layer in self.layers]
-        grads = torch.autograd.grad(logits, targets, grad_outputs=factors, is_grads_batched=True)
-        return [_Layer.deltas(g) for g in grads]
+        return list(torch.autograd.grad(logits, targets, grad_outputs=factors, is_grads_batched=True))
 
     def _diagonal_pass(self, x: torch.Tensor, logits: torch.Tensor) -> None:
         """Σᵢ E_y[gᵢ²] for the parameters outside Kronecker blocks (per-example gradients of the pseudo-losses)."""
@@ -178,16 +222,14 @@ class KroneckerCurvature:
             x, _ = source.tensors(sel)
             x = x.to(device)
             logits, inputs, outputs = self._forward(x)
-            deltas = self._class_deltas(logits, outputs) if self.layers else []
-            for layer, d in zip(self.layers, deltas):
-                a = layer.inputs(inputs[layer.module])
-                a2 = a.reshape(-1, a.shape[-1])
-                d2 = d.reshape(-1, d.shape[-1])
+            grads = self._output_grads(logits, outputs) if self.layers else []
+            for layer, g in zip(self.layers, grads):
+                A, S, positions = layer.factor_sums(inputs[layer.module], g)
                 # products in the model's dtype, sums of batches in float64
-                layer.A = (layer.A if layer.A is not None else 0) + (a2.T @ a2).double()
-                layer.S = (layer.S if layer.S is not None else 0) + (d2.T @ d2).double()
-                totals[layer.module][0] += a.shape[0] * a.shape[1]
-                totals[layer.module][1] += a.shape[0]
+                layer.A = (layer.A if layer.A is not None else 0) + A.double()
+                layer.S = (layer.S if layer.S is not None else 0) + S.double()
+                totals[layer.module][0] += positions
+                totals[layer.module][1] += len(x)
             self._diagonal_pass(x, logits)
         self.examples = len(indices)
         for layer in self.layers:
@@ -211,15 +253,8 @@ class KroneckerCurvature:
         for sel in bar(batches, desc="ek-fac eigenvalues", unit="batch", disable=not progress):
             x, _ = source.tensors(sel)
             logits, inputs, outputs = self._forward(x.to(self.fm.device))
-            for layer, d in zip(self.layers, self._class_deltas(logits, outputs)):
-                dtype = d.dtype
-                a = layer.inputs(inputs[layer.module]) @ layer.QA.to(d.device, dtype)  # [B, T, in]
-                d = d @ layer.QS.to(d.device, dtype)  # [K, B, T, out]
-                if a.shape[1] == 1:  # one position: (Q_Sᵀ δ aᵀ Q_A)² = (Q_Sᵀδ)² ((Q_Aᵀa)²)ᵀ, no [B, out, in] tensor
-                    g2 = torch.einsum("kbo,bj->oj", d[:, :, 0].pow(2), a[:, 0].pow(2))
-                else:
-                    g2 = torch.einsum("kbto,btj->kboj", d, a).pow(2).sum((0, 1))
-                sums[layer.module] += g2.double().cpu()
+            for layer, g in zip(self.layers, self._output_grads(logits, outputs)):
+                sums[layer.module] += layer.rotated_squares(inputs[layer.module], g).double().cpu()
         for layer in self.layers:
             layer.eig = sums[layer.module] / self.examples
             require_finite(layer.eig, f"the EK-FAC eigenvalues of {layer.module}", FIX_MODEL)
