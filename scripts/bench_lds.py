@@ -260,7 +260,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=None, help="only these rows (names as in the table)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_lds"))
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md or the results JSON")
     ap.add_argument("--damping-sweep", action="store_true",
                     help="only the defaults at damping f × the mean Gauss–Newton eigenvalue for f in "
                          f"{SWEEP_FRACTIONS} (the evidence for DAMPING_AUTO_FRACTION); its own section in BENCHMARKS.md")
@@ -370,7 +370,8 @@ def main() -> None:
         rho[name] = lds_per_test(tau, masks, losses)
         results[name] = {"lds": float(np.nanmean(rho[name])), "seconds": seconds, "rho": rho[name].tolist(), **info}
         print(f"  LDS {results[name]['lds']:.3f}  {seconds:.1f} s  {info.get('solves', '')}", flush=True)
-        (work / results_file).write_text(json.dumps(results, indent=2))
+        if not args.no_write:  # after every row: a long run that stops keeps what it measured
+            (work / results_file).write_text(json.dumps(results, indent=2))
     for name, r in results.items():
         if "failed" in r:
             rows.append([name, "failed", "—", "—", "—", "—", r["failed"][:80]])
@@ -386,7 +387,8 @@ def main() -> None:
             diff = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         rows.append([name, r["lds"], diff, r["seconds"], "—" if pearson is None else f"{pearson:.5f}",
                      "—" if overlap is None else f"{100 * overlap:.1f}%", "; ".join(r.get("solves", []))[:110]])
-    (work / results_file).write_text(json.dumps(results, indent=2))
+    if not args.no_write:
+        (work / results_file).write_text(json.dumps(results, indent=2))
 
     title = {"lr": "10-class logistic regression (7,850 parameters)", "mlp": f"MLP 784-128-128-10 ({p:,} parameters)",
              "cnn": f"default CNN ({p:,} parameters)"}[part]

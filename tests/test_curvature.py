@@ -99,6 +99,11 @@ def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_its_basis(problem):
         assert torch.allclose(layer.eig, exact, atol=1e-12), layer.module
         assert torch.allclose(plain.A, layer.A) and torch.allclose(plain.S, layer.S)  # same factors, batch-size free
         assert float((plain.eig - exact).abs().max()) > 1e-6  # K-FAC's own eigenvalues are an approximation
+    derived = kc.uncorrected()  # K-FAC from EK-FAC's factors, no second pass: what a K-FAC fit gives
+    assert not derived.corrected and all(torch.allclose(a.eig, b.eig, atol=1e-12) for a, b in zip(derived.layers, kfac.layers))
+    V = torch.randn(3, fm.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(derived.solve(V, 0.05), kfac.solve(V, 0.05), atol=1e-9)
+    assert float((derived.solve(V, 0.05) - kc.solve(V, 0.05)).abs().max()) > 1e-6  # and not EK-FAC's
     offsets = dict(zip(fm.names, np.cumsum([0] + fm.sizes)[:-1]))
     for name, d in kc.diagonal.items():
         i = np.arange(offsets[name], offsets[name] + d.numel())

@@ -136,6 +136,9 @@ class HessianOperator:
         from .kfac import KroneckerCurvature
 
         key = (corrected, samples, batch_size, seed)
+        ekfac = (True, samples, batch_size, seed)
+        if key not in self._kronecker and ekfac in self._kronecker:  # K-FAC after EK-FAC (damping auto): its factors
+            self._kronecker[key] = self._kronecker[ekfac].uncorrected()
         if key not in self._kronecker:
             idx = self.indices
             if samples is not None and samples < len(idx):

@@ -28,7 +28,7 @@ through one batched backward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -84,6 +84,7 @@ class _Layer:
     QA: torch.Tensor | None = None
     QS: torch.Tensor | None = None
     eig: torch.Tensor | None = None  # [out, in] eigenvalues in the basis Q_S ⊗ Q_A (K-FAC's or EK-FAC's)
+    kfac_eig: torch.Tensor | None = None  # K-FAC's own, T·λ_S,o λ_A,j (kept when EK-FAC replaces them)
 
     def inputs(self, inp: torch.Tensor) -> torch.Tensor:
         """The layer's input → [B, T, in] (+ a column of ones for the bias), in the model's dtype."""
@@ -240,12 +241,22 @@ class KroneckerCurvature:
             require_finite(layer.S, f"the K-FAC output factor of {layer.module}", FIX_MODEL)
             la, layer.QA = torch.linalg.eigh(layer.A)
             ls, layer.QS = torch.linalg.eigh(layer.S)
-            layer.eig = layer.positions * ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
+            layer.eig = layer.kfac_eig = layer.positions * ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
         for n in self.diagonal:
             self.diagonal[n] = self.diagonal[n] / max(1, self.examples)
         if self.corrected and self.layers:
             self._correct(source, batches, progress)
         return self
+
+    def uncorrected(self) -> "KroneckerCurvature":
+        """K-FAC from the same factors (what ``fit`` with ``corrected=False`` on the same examples gives), without
+        another pass over the data: EK-FAC keeps K-FAC's eigenvalues beside its own."""
+        if not self.corrected:
+            return self
+        plain = KroneckerCurvature(self.fm, self.objective, corrected=False)
+        plain.layers = [replace(layer, eig=layer.kfac_eig) for layer in self.layers]
+        plain.diagonal, plain.examples = self.diagonal, self.examples
+        return plain
 
     def _correct(self, source: ExampleSource, batches: list[np.ndarray], progress: bool) -> None:
         """EK-FAC: the eigenvalues re-estimated as E[(Q_Sᵀ Gᵢ Q_A)²] in the K-FAC eigenbasis."""
