@@ -72,6 +72,16 @@ def kronecker_modules(fm: FunctionalModel) -> list[KroneckerModule]:
     return out
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """Σ_b x_b x_bᵀ for x [B, d, T] in x's dtype.  Per-example products summed when they are no larger than x
+    itself (d ≤ T: shorter float32 accumulations, and no transposed copy of x); else one matmul over the
+    [d, B·T] copy, so memory never exceeds twice x's size (a 512-channel 3×3 layer would need [B, 4608, 4608])."""
+    if x.shape[1] <= x.shape[2]:
+        return torch.bmm(x, x.transpose(1, 2)).sum(0)
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+    return flat @ flat.T
+
+
 @dataclass
 class _Layer:
     module: str
@@ -105,17 +115,14 @@ class _Layer:
 
     def factor_sums(self, inp: torch.Tensor, out_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Σ aₜaₜᵀ [in, in] and Σ δₜδₜᵀ [out, out] over the batch's examples, positions (and, for δ, the K output
-        cotangents), and the number of positions summed.  A convolution's are batched matmuls on the unfolded
-        patches and on δ as the backward pass gives it ([B, ·, T] layouts, no transposed copies); the bias
-        column's row and column of A are the patches' sums and the count, not a concatenated column of ones."""
+        cotangents), and the number of positions summed.  A convolution's bias row and column of A are the patches'
+        sums and the count (no concatenated column of ones); see :func:`_gram` for the products."""
         if self.conv is None:
             a, d = self.inputs(inp), _Layer.deltas(out_grad)
             a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
             return a2.T @ a2, d2.T @ d2, a.shape[0] * a.shape[1]
         patches = F.unfold(inp, **self.conv)  # [B, C·kh·kw, T]
-        d = out_grad.flatten(3).flatten(0, 1)  # [K·B, out, T]
-        S = torch.bmm(d, d.transpose(1, 2)).sum(0)
-        A = torch.bmm(patches, patches.transpose(1, 2)).sum(0)
+        A, S = _gram(patches), _gram(out_grad.flatten(3).flatten(0, 1))  # δ: [K·B, out, T]
         positions = patches.shape[0] * patches.shape[2]
         if self.bias is not None:
             col = patches.sum((0, 2))
