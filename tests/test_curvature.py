@@ -138,6 +138,13 @@ def test_ekfac_solver_and_damping_auto(problem, tmp_path):
     G = engine.gradients((x, y))
     direct = (engine.inverse_hvp(G).double() * G.double()).sum(1).numpy()
     np.testing.assert_allclose(si, direct, rtol=1e-8)  # whitening and solving agree
+    assert len(engine.operator._kronecker) == 1  # λ came from the solver's own EK-FAC, fitted once
+    # a K-FAC solver on a sample of the examples: λ from an EK-FAC on that same sample, K-FAC from its factors
+    kfac = InfluenceEngine(problem["model"], (x, y), solver="kfac", params="all", damping="auto", weight_decay=0.0,
+                           cache_dir=tmp_path / "kfac", solver_settings={"samples": 25})
+    kfac.self_influence()
+    fits = kfac.operator._kronecker
+    assert sorted(fits) == [(False, 25, 128, 0), (True, 25, 128, 0)] and fits[(True, 25, 128, 0)].examples == 25
 
 
 def test_ensemble_averages_its_members(problem, tmp_path):

@@ -45,7 +45,8 @@ from .objective import FunctionalModel, Objective
 from .progress import bar, warn
 from .search import GradientIndex
 from .settings import to_dict, validate
-from .settings.influence import DAMPING_AUTO_FRACTION, EXACT_AUTO_MAX_PARAMS, InfluenceSettings, SearchSettings, StoreSettings
+from .settings.influence import (DAMPING_AUTO_FRACTION, EXACT_AUTO_MAX_PARAMS, InfluenceSettings, KroneckerSettings,
+                                 SearchSettings, StoreSettings)
 from .solvers import SolveReport, make_solver
 from .store import BuildReport, GradientStore, build_store
 from .store.stest import STestCache
@@ -169,9 +170,11 @@ class InfluenceEngine:
 
     def _auto_damping(self, op: HessianOperator) -> float:
         """λ = DAMPING_AUTO_FRACTION × mean eigenvalue of the Gauss–Newton matrix (trace/p; EK-FAC's eigenvalues
-        have exactly the blocks' traces).  With the Hessian as curvature, a warning when H + (wd + λ)I is still
+        have exactly the blocks' traces), over the examples an ekfac / kfac solver estimates its factors from.  With the Hessian as curvature, a warning when H + (wd + λ)I is still
         indefinite (its lowest eigenvalue estimated by power iteration on a sample)."""
-        mean = float(op.kronecker(corrected=True).eigenvalues().mean())
+        st = self.solver.settings  # a Kronecker solver's own factors (its sample), so they are estimated once
+        same = {"samples": st.samples, "batch_size": st.batch_size, "seed": st.seed} if isinstance(st, KroneckerSettings) else {}
+        mean = float(op.kronecker(corrected=True, **same).eigenvalues().mean())
         damping = DAMPING_AUTO_FRACTION * mean
         if self.settings.curvature == "hessian":
             sample = op.subset(1024)

@@ -96,21 +96,17 @@ class _Layer:
     eig: torch.Tensor | None = None  # [out, in] eigenvalues in the basis Q_S ⊗ Q_A (K-FAC's or EK-FAC's)
     kfac_eig: torch.Tensor | None = None  # K-FAC's own, T·λ_S,o λ_A,j (kept when EK-FAC replaces them)
 
-    def inputs(self, inp: torch.Tensor) -> torch.Tensor:
-        """The layer's input → [B, T, in] (+ a column of ones for the bias), in the model's dtype."""
-        if self.conv is not None:
-            a = F.unfold(inp, **self.conv).transpose(1, 2)
-        else:
-            a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
+    def linear_inputs(self, inp: torch.Tensor) -> torch.Tensor:
+        """A linear layer's input → [B, T, in] (+ a column of ones for the bias); convolutions never unfold this
+        way (:meth:`factor_sums`, :meth:`rotated_squares`)."""
+        a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
         if self.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         return a
 
     @staticmethod
-    def deltas(out_grad: torch.Tensor) -> torch.Tensor:
-        """Gradients at the layer's output, one set per output cotangent: [K, B, …] → [K, B, T, out]."""
-        if out_grad.dim() == 5:  # a convolution: [K, B, out, H, W]
-            return out_grad.flatten(3).transpose(2, 3)
+    def linear_deltas(out_grad: torch.Tensor) -> torch.Tensor:
+        """A linear layer's output gradients, one set per output cotangent: [K, B, …, out] → [K, B, T, out]."""
         return out_grad.reshape(out_grad.shape[0], out_grad.shape[1], -1, out_grad.shape[-1])
 
     def factor_sums(self, inp: torch.Tensor, out_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -118,7 +114,7 @@ class _Layer:
         cotangents), and the number of positions summed.  A convolution's bias row and column of A are the patches'
         sums and the count (no concatenated column of ones); see :func:`_gram` for the products."""
         if self.conv is None:
-            a, d = self.inputs(inp), _Layer.deltas(out_grad)
+            a, d = self.linear_inputs(inp), _Layer.linear_deltas(out_grad)
             a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
             return a2.T @ a2, d2.T @ d2, a.shape[0] * a.shape[1]
         patches = F.unfold(inp, **self.conv)  # [B, C·kh·kw, T]
@@ -140,8 +136,8 @@ class _Layer:
         and Q_Sᵀ is applied to that small product — no [K, B, T, ·] copies."""
         QA, QS = self.QA.to(inp.device, inp.dtype), self.QS.to(inp.device, inp.dtype)
         if self.conv is None:
-            a = self.inputs(inp) @ QA  # [B, T, in]
-            d = _Layer.deltas(out_grad) @ QS  # [K, B, T, out]
+            a = self.linear_inputs(inp) @ QA  # [B, T, in]
+            d = _Layer.linear_deltas(out_grad) @ QS  # [K, B, T, out]
             if a.shape[1] == 1:  # one position: (Q_Sᵀ δ aᵀ Q_A)² = (Q_Sᵀδ)² ((Q_Aᵀa)²)ᵀ, no [B, out, in] tensor
                 return torch.einsum("kbo,bj->oj", d[:, :, 0].pow(2), a[:, 0].pow(2))
             return torch.einsum("kbto,btj->kboj", d, a).pow(2).sum((0, 1))
