@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainfluence.runtime import tune_allocator
+
 os.environ.setdefault("TRAINFLUENCE_PROGRESS", "0")  # progress bars are for people; keep test logs readable
+tune_allocator()  # the API under test runs as the command line does (tests/test_runtime.py checks it in fresh processes)
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n W`: share the cores between the workers, never oversubscribe
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 

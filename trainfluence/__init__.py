@@ -30,6 +30,7 @@ _EXPORTS = {
     "InfluenceSettings": "trainfluence.settings.influence",
     "StoreSettings": "trainfluence.settings.influence",
     "build_store": "trainfluence.store",
+    "tune_allocator": "trainfluence.runtime",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
