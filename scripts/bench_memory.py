@@ -32,6 +32,8 @@ from trainfluence.store.format import open_store, store_key  # noqa: E402
 CHILD = r"""
 import json, sys, time
 import numpy as np
+from trainfluence.runtime import tune_allocator
+tune_allocator()  # as the command line does before it reads a store
 from trainfluence.store.format import GradientStore
 from trainfluence.search import GradientIndex, SearchSettings
 
@@ -107,7 +109,8 @@ def main() -> None:
         results.write_text(json.dumps(saved))
     rows = [row for n in sorted(saved, key=int) for row in saved[n].values()]
     body = ("### Peak memory against n (synthetic fp16 stores, k = 4,096)\n\n"
-            "Each row in a fresh process; peak resident set (VmHWM) of the whole process and its growth during "
+            "Each row in a fresh process that fixes the allocator's thresholds as the command line does "
+            "(trainfluence/runtime.py); peak resident set (VmHWM) of the whole process and its growth during "
             "the operation; time of one query (the second, warm) or of the pass. The store is read by positioned "
             "reads, block by block (64 MB of float32), never mapped whole.\n\n"
             "Times are only comparable at a low load average (last column: 2 cores, so 2.0 means both busy with "
