@@ -170,8 +170,9 @@ class InfluenceEngine:
 
     def _auto_damping(self, op: HessianOperator) -> float:
         """λ = DAMPING_AUTO_FRACTION × mean eigenvalue of the Gauss–Newton matrix (trace/p; EK-FAC's eigenvalues
-        have exactly the blocks' traces), over the examples an ekfac / kfac solver estimates its factors from.  With the Hessian as curvature, a warning when H + (wd + λ)I is still
-        indefinite (its lowest eigenvalue estimated by power iteration on a sample)."""
+        have exactly the blocks' traces), over the examples an ekfac / kfac solver estimates its factors from.
+        With the Hessian as curvature, a warning when H + (wd + λ)I is still indefinite (its lowest eigenvalue
+        estimated by power iteration on a sample)."""
         st = self.solver.settings  # a Kronecker solver's own factors (its sample), so they are estimated once
         same = {"samples": st.samples, "batch_size": st.batch_size, "seed": st.seed} if isinstance(st, KroneckerSettings) else {}
         mean = float(op.kronecker(corrected=True, **same).eigenvalues().mean())

@@ -126,15 +126,16 @@ class _Layer:
                            torch.cat([col, col.new_tensor([float(positions)])])[None, :]], 0)
         return A, S, positions
 
-    def rotated_squares(self, inp: torch.Tensor, out_grad: torch.Tensor) -> torch.Tensor:
+    def rotated_squares(self, inp: torch.Tensor, out_grad: torch.Tensor, QA: torch.Tensor,
+                        QS: torch.Tensor) -> torch.Tensor:
         """Σ over the K output cotangents and the B examples of (Q_Sᵀ Gᵢ Q_A)² [out, in], from the layer's input
-        and its output gradients [K, B, …] (the EK-FAC correction's sum for one batch).
+        and its output gradients [K, B, …] (the EK-FAC correction's sum for one batch); ``QA``, ``QS``: this
+        layer's eigenbases on the input's device and in its dtype (converted once per pass, not per batch).
 
         A convolution never forms its unfolded patches: Q_Aᵀ aₜ for every position is one conv2d with Q_A's
         columns as kernels (and the bias column's row as the convolution's bias), [B, in, T]; then, one cotangent
         at a time, Σₜ δₜ (Q_Aᵀ aₜ)ᵀ is a batched matmul [B, out, T]·[B, T, in] on δ as the backward pass gives it,
         and Q_Sᵀ is applied to that small product — no [K, B, T, ·] copies."""
-        QA, QS = self.QA.to(inp.device, inp.dtype), self.QS.to(inp.device, inp.dtype)
         if self.conv is None:
             a = self.linear_inputs(inp) @ QA  # [B, T, in]
             d = _Layer.linear_deltas(out_grad) @ QS  # [K, B, T, out]
@@ -264,11 +265,14 @@ class KroneckerCurvature:
     def _correct(self, source: ExampleSource, batches: list[np.ndarray], progress: bool) -> None:
         """EK-FAC: the eigenvalues re-estimated as E[(Q_Sᵀ Gᵢ Q_A)²] in the K-FAC eigenbasis."""
         sums = {layer.module: torch.zeros_like(layer.eig) for layer in self.layers}
+        # in each layer's dtype (its products run in it; the sums in float64), converted once for the whole pass
+        bases = [tuple(Q.to(self.fm.device, self.fm.params[layer.weight].dtype) for Q in (layer.QA, layer.QS))
+                 for layer in self.layers]
         for sel in bar(batches, desc="ek-fac eigenvalues", unit="batch", disable=not progress):
             x, _ = source.tensors(sel)
             logits, inputs, outputs = self._forward(x.to(self.fm.device))
-            for layer, g in zip(self.layers, self._output_grads(logits, outputs)):
-                sums[layer.module] += layer.rotated_squares(inputs[layer.module], g).double().cpu()
+            for layer, g, (QA, QS) in zip(self.layers, self._output_grads(logits, outputs), bases):
+                sums[layer.module] += layer.rotated_squares(inputs[layer.module], g, QA, QS).double().cpu()
         for layer in self.layers:
             layer.eig = sums[layer.module] / self.examples
             require_finite(layer.eig, f"the EK-FAC eigenvalues of {layer.module}", FIX_MODEL)

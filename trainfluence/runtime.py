@@ -6,8 +6,8 @@ activations are page-faulted in anew; it raises the threshold only after it has 
 32 MiB, and trims the heap's free top above the trim threshold.  The speed of a batch loop therefore depends on
 what the process happened to allocate before: on 2 CPU cores, the default CNN's plain forward+backward over MNIST
 took about 1.3× as long after the 60,000 training images had been normalised as one tensor (188 MB, too big to
-raise the threshold) as after a 4,096-image one (measured by hand, not a benchmark row).  Fixed thresholds make each batch reuse heap memory whatever came before.
-Measured on whole commands (BENCHMARKS.md, "Allocator thresholds", ABBA over fresh processes): training 1.08×,
+raise the threshold) as after a 4,096-image one (measured by hand, not a benchmark row).  Fixed thresholds make
+each batch reuse heap memory whatever came before.  Measured on whole commands (BENCHMARKS.md, "Allocator thresholds", ABBA over fresh processes): training 1.08×,
 the default gradient store 1.05×, the factored store from the API 1.06×, EK-FAC influence 1.01–1.02× (within
 noise); none slower.  The price is memory held: up to TRIM_THRESHOLD of freed heap stays in the process (a
 streamed top-10 query over a store grew the resident set by 122–147 MB against 101 MB; BENCHMARKS.md "memory").
@@ -33,13 +33,12 @@ MMAP_THRESHOLD = 32 * 2**20
 # free memory kept at the heap's top before it is handed back: at most this much is held beyond what is in use
 TRIM_THRESHOLD = 64 * 2**20
 
-_state: dict[str, str] = {}
+_outcome: tuple[bool, str] | None = None  # (tuned, in words), once tune_allocator has run
 
 
 def allocator_state() -> str:
-    """What :func:`tune_allocator` did in this process, in words (for benchmark headers and ``--version``-like
-    reports); ``"not tuned"`` before it is called."""
-    return _state.get("allocator", "not tuned")
+    """What :func:`tune_allocator` did in this process, in words (benchmark headers); ``"not tuned"`` before."""
+    return _outcome[1] if _outcome else "not tuned"
 
 
 def tune_allocator() -> bool:
@@ -47,16 +46,17 @@ def tune_allocator() -> bool:
 
     Returns True when they were set now or by an earlier call; False when left alone (not glibc, the user's own
     setting, ``TRAINFLUENCE_MALLOC=default``).  Idempotent."""
-    if "allocator" in _state:
-        return _state["allocator"].startswith("glibc thresholds")
-    reason = _leave_alone()
-    if reason is None:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-        reason = (f"glibc thresholds mmap {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 20} MiB" if ok
-                  else "glibc refused mallopt; its defaults kept")
-    _state["allocator"] = reason
-    return reason.startswith("glibc thresholds")
+    global _outcome
+    if _outcome is None:
+        reason = _leave_alone()
+        if reason is not None:
+            _outcome = (False, reason)
+        else:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+            _outcome = (ok, f"glibc thresholds mmap {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 20} MiB" if ok
+                        else "glibc refused mallopt; its defaults kept")
+    return _outcome[0]
 
 
 def _leave_alone() -> str | None:
