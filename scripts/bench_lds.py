@@ -12,6 +12,9 @@ matrix, everything included (gradient store, factors, solves).  Subset trainings
     python scripts/bench_lds.py --part mlp
     python scripts/bench_lds.py --part cnn
 
+Ensembles (MLP and CNN): five independently trained models, and the epoch checkpoints of the first model's own
+run (no training beyond the single model's), ours and Kronfluence's alike.
+
 Peers (``pip install -e '.[bench]'``): Kronfluence's EK-FAC (its heuristic damping and a fixed one) and TRAK
 (one model and five); they are skipped, with a note, when not installed.
 """
@@ -44,7 +47,7 @@ from trainfluence.influence import InfluenceEngine  # noqa: E402
 from trainfluence.settings.influence import DAMPING_AUTO_FRACTION  # noqa: E402
 from trainfluence.models import build_model  # noqa: E402
 from trainfluence.objective import FunctionalModel, Objective  # noqa: E402
-from trainfluence.train import TrainConfig, train  # noqa: E402
+from trainfluence.train import TrainConfig, epoch_checkpoints, train  # noqa: E402
 from trainfluence.validation import refit  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -281,6 +284,9 @@ def main() -> None:
         else:
             models.append(fit(part, train_set, s, folder))
     model = models[0]
+    # the epoch checkpoints of the first model's run (its last one is ``model`` itself): an ensemble that needs no
+    # more training than the single model
+    run = [load_checkpoint(path).model for path in epoch_checkpoints(work / "model-0")] if cfg is not None else []
     masks, losses = subset_losses(args, part, train_set, test_set, model, work)
     p = sum(q.numel() for q in model.parameters())
     damping = 0.01
@@ -331,6 +337,7 @@ def main() -> None:
                 row(f"trainfluence {solver}, damping {d}", solver=solver, damping=d)
     if part in ENSEMBLE_PARTS:
         row("trainfluence defaults, 5 models", members=models)
+        row(f"trainfluence defaults, the {len(run)} epoch checkpoints of one run", members=run)
     if part in ("mlp", "cnn"):
         for k in (4096, 16384):
             row(f"trainfluence defaults, gradients projected to k = {k:,}", projection_dim=k)
@@ -345,6 +352,8 @@ def main() -> None:
             if part in ENSEMBLE_PARTS:
                 add("Kronfluence EK-FAC, its heuristic damping, 5 models",
                     lambda: kronfluence_ensemble(models, train_set, test_set, None, work))
+                add(f"Kronfluence EK-FAC, its heuristic damping, the {len(run)} epoch checkpoints of one run",
+                    lambda: kronfluence_ensemble(run, train_set, test_set, None, work))
         except ImportError:
             print("Kronfluence not installed: skipped (pip install -e '.[bench]')")
         try:

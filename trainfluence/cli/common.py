@@ -28,7 +28,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, several: bool = False) ->
     if several:
         p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
                        help="a .pt file written by trainfluence train; several (independent trainings, or epochs of one) "
-                            "average their influence scores — an ensemble (data settings come from the first)")
+                            "average their influence scores — an ensemble (data settings come from the first), each "
+                            "member costing one model's time. A run's own epoch checkpoints (RUN/epoch-*.pt) need no "
+                            "further training and lifted LDS about as much as five trainings in BENCHMARKS.md")
     else:
         p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by trainfluence train")
     p.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
