@@ -30,7 +30,8 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, several: bool = False) ->
                        help="a .pt file written by trainfluence train; several (independent trainings, or epochs of one) "
                             "average their influence scores — an ensemble (data settings come from the first), each "
                             "member costing one model's time. A run's own epoch checkpoints (RUN/epoch-*.pt) need no "
-                            "further training and lifted LDS about as much as five trainings in BENCHMARKS.md")
+                            "further training and lifted LDS about as much as five trainings in BENCHMARKS.md; the first "
+                            "epoch's (RUN/epoch-1.pt) beside the final one gave most of that")
     else:
         p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt file written by trainfluence train")
     p.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
