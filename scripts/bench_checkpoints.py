@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lds import PARTS, lds_per_test, mnist_subset, ours, paired_interval, subset_losses  # noqa: E402
-from benchlib import DEFAULT_MNIST, ROOT, table, update_section  # noqa: E402
+from bench_lds import PARTS, add_protocol_args, lds_per_test, mnist_subset, ours, paired_interval, subset_losses  # noqa: E402
+from benchlib import table, update_section  # noqa: E402
 
 from trainfluence.checkpoint import load_checkpoint  # noqa: E402
 from trainfluence.train import epoch_checkpoints  # noqa: E402
@@ -41,15 +41,7 @@ def subsets(epochs: int) -> list[tuple[str, list[int]]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("mlp", "cnn"), required=True)
-    ap.add_argument("--data-root", default=str(DEFAULT_MNIST))
-    ap.add_argument("--n", type=int, default=5000)
-    ap.add_argument("--tests", type=int, default=200)
-    ap.add_argument("--subsets", type=int, default=50)
-    ap.add_argument("--seeds", type=int, default=None, help="models per half, as given to bench_lds.py")
-    ap.add_argument("--data-seed", type=int, default=2026)
-    ap.add_argument("--subset-seed", type=int, default=7)
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_lds"))
+    add_protocol_args(ap, ["mlp", "cnn"])
     ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
     args = ap.parse_args()
     _, wd, _, default_seeds = PARTS[args.part]

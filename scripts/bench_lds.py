@@ -250,9 +250,10 @@ def timed(fn: Callable[[], tuple[np.ndarray, dict]]) -> tuple[np.ndarray, float,
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=list(PARTS), required=True)
+def add_protocol_args(ap: argparse.ArgumentParser, parts: list[str]) -> None:
+    """The protocol's settings (data, halves, models per half, where the trainings are cached), shared with
+    scripts/bench_checkpoints.py."""
+    ap.add_argument("--part", choices=parts, required=True)
     ap.add_argument("--data-root", default=str(DEFAULT_MNIST))
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--tests", type=int, default=200)
@@ -260,8 +261,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="models per half (default: 1 for lr and cnn, 3 for mlp)")
     ap.add_argument("--data-seed", type=int, default=2026)
     ap.add_argument("--subset-seed", type=int, default=7)
-    ap.add_argument("--methods", nargs="*", default=None, help="only these rows (names as in the table)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_lds"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_args(ap, list(PARTS))
+    ap.add_argument("--methods", nargs="*", default=None, help="only these rows (names as in the table)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md or the results JSON")
     ap.add_argument("--damping-sweep", action="store_true",
