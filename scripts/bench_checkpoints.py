@@ -28,6 +28,11 @@ from trainfluence.checkpoint import load_checkpoint  # noqa: E402
 from trainfluence.train import epoch_checkpoints  # noqa: E402
 
 
+OTHER_SEEDS = """  Last column: the LDS against the halves' models of seeds 1, 2, …
+only.  The run starts from the same initial weights as each half's seed-0 model, which could favour checkpoints
+near that start; this column leaves those models out."""
+
+
 def subsets(epochs: int) -> list[tuple[str, list[int]]]:
     """(name, 0-based checkpoint indices): each alone, the first and the last, the first two and the last, all."""
     last = epochs - 1
@@ -51,7 +56,10 @@ def main() -> None:
     if not paths:
         sys.exit(f"no epoch checkpoints in {work / 'model-0'}: run scripts/bench_lds.py --part {args.part} first")
     train_set, test_set = mnist_subset(args)
-    masks, losses = subset_losses(args, args.part, train_set, test_set, load_checkpoint(paths[-1]).model, work)
+    masks, per_seed = subset_losses(args, args.part, train_set, test_set, load_checkpoint(paths[-1]).model, work,
+                                    per_seed=True)
+    # the run starts from the same initial weights as the halves' seed-0 models: the last column leaves them out
+    truths = {"all": per_seed.mean(1)} | ({"other seeds": per_seed[:, 1:].mean(1)} if args.seeds > 1 else {})
     taus, seconds = [], []
     for path in paths:
         start = time.perf_counter()
@@ -59,13 +67,14 @@ def main() -> None:
         taus.append(tau)
         seconds.append(time.perf_counter() - start)
         print(f"{path.name}: {seconds[-1]:.1f} s", flush=True)
-    rho = {name: lds_per_test(np.mean([taus[i] for i in idx], axis=0), masks, losses) for name, idx in subsets(len(paths))}
+    averaged = {name: np.mean([taus[i] for i in idx], axis=0) for name, idx in subsets(len(paths))}
+    rho = {truth: {name: lds_per_test(tau, masks, losses) for name, tau in averaged.items()} for truth, losses in truths.items()}
     final = f"epoch {len(paths)} alone"
     rows = []
     for name, idx in subsets(len(paths)):
-        mean, lo, hi = paired_interval(rho[name], rho[final])
-        rows.append([name, float(np.nanmean(rho[name])), "—" if name == final else f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]",
-                     sum(seconds[i] for i in idx)])
+        mean, lo, hi = paired_interval(rho["all"][name], rho["all"][final])
+        rows.append([name, float(np.nanmean(rho["all"][name])), "—" if name == final else f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]",
+                     sum(seconds[i] for i in idx)] + [float(np.nanmean(rho["other seeds"][name]))] * ("other seeds" in rho))
     title = {"mlp": "MLP 784-128-128-10", "cnn": "default CNN"}[args.part]
     body = f"""### LDS of the epoch checkpoints of one run, {title}: which to average
 
@@ -74,10 +83,11 @@ in bench:lds_{args.part} (its last checkpoint is that table's single model), and
 {args.n:,} training and {args.tests} test images, {args.subsets} halves and {args.seeds} model(s) per half.
 Seconds: the members' influence computations, summed (each measured alone in this run).
 
-{table(["checkpoints averaged", "LDS", "row − last alone [95% CI]", "seconds"], rows)}
+{table(["checkpoints averaged", "LDS", "row − last alone [95% CI]", "seconds"]
+        + ["LDS, halves' models of seeds ≥ 1 only"] * ("other seeds" in rho), rows)}
 
 Row − last alone: the mean over test points of the row's Spearman minus the last checkpoint's, with its 95% paired
-bootstrap interval over the {args.tests} test points (10,000 draws).
+bootstrap interval over the {args.tests} test points (10,000 draws).{OTHER_SEEDS if "other seeds" in rho else ""}
 """
     print(body)
     if not args.no_write:

@@ -98,8 +98,10 @@ def test_losses(model: torch.nn.Module, test) -> np.ndarray:
     return F.cross_entropy(model.eval()(x), y, reduction="none").double().numpy()
 
 
-def subset_losses(args, part: str, train_set, test_set, base: torch.nn.Module, work: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Masks [M, n] of the halves and the test losses [M, tests] of the models trained on them (seed-averaged)."""
+def subset_losses(args, part: str, train_set, test_set, base: torch.nn.Module, work: Path,
+                  per_seed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Masks [M, n] of the halves and the test losses [M, tests] of the models trained on them (seed-averaged;
+    ``per_seed``: [M, seeds, tests]).  Seed s of a half starts from the same initial weights as model-s below."""
     rng = np.random.default_rng(args.subset_seed)
     masks = np.zeros((args.subsets, len(train_set)), dtype=bool)
     for j in range(args.subsets):
@@ -121,7 +123,7 @@ def subset_losses(args, part: str, train_set, test_set, base: torch.nn.Module, w
             losses[j, s] = test_losses(model, test_set)
             np.savez(cache, losses=losses, masks=masks)
         print(f"  subset {j + 1}/{args.subsets} trained ({time.perf_counter() - started:.0f} s)", flush=True)
-    return masks, losses.mean(1)
+    return masks, (losses if per_seed else losses.mean(1))
 
 
 def agreement(tau: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
