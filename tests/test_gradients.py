@@ -84,30 +84,6 @@ def test_user_model_untouched(batch):
     assert model.training  # still in train mode: we evaluated a private eval-mode copy
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
-    assert fm.channels_last and all(p.is_contiguous() for p in model.parameters())  # only the private copy changed
-
-
-class ViewNet(nn.Module):
-    """LeNet style: ``x.view(len(x), -1)`` after a convolution, which channels-last activations refuse."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 5)
-
-    def forward(self, x):
-        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 4).view(len(x), -1))
-
-
-def test_channels_last_falls_back_when_the_model_needs_contiguous_activations(batch):
-    torch.manual_seed(0)
-    model = ViewNet().eval()
-    x, y = batch
-    fm = FunctionalModel(model, "all")
-    assert fm.channels_last
-    got = GradientComputer(fm, Objective()).flat(x, y)
-    assert not fm.channels_last  # the view failed once; the private copy went back to the default layout
-    want = loop_gradients(model, fm.names, x, y)
-    assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) < 1e-5
 
 
 def test_parameter_selection(batch):
