@@ -36,12 +36,12 @@ from benchlib import DEFAULT_MNIST, table, update_section  # noqa: E402
 VARIANTS = {"thresholds fixed (default)": {}, "glibc's own (TRAINFLUENCE_MALLOC=default)": {"TRAINFLUENCE_MALLOC": "default"}}
 
 
-# the API programs: {data_root}, {n}, {m}, {ckpt}, {folder}, {what} filled in; the fixed variant tunes first
+# the API programs: {data_root}, {n}, {m}, {ckpt}, {folder}, {what} filled in; tune_allocator() first, as README
+# advises (under TRAINFLUENCE_MALLOC=default, the other variant, it leaves glibc alone)
 API_PROGRAM = """
-import os, trainfluence
+import trainfluence
 from trainfluence.data import DataConfig, load_dataset
-if os.environ.get("TRAINFLUENCE_MALLOC") != "default":
-    trainfluence.tune_allocator()
+trainfluence.tune_allocator()
 config = DataConfig("mnist", data_root={data_root!r}, train_size={n}, test_size=1000)
 x, y = load_dataset(config, "train").tensors()       # every training image in one tensor
 if {what!r} == "store":

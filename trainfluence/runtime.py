@@ -7,10 +7,11 @@ activations are page-faulted in anew; it raises the threshold only after it has 
 what the process happened to allocate before: on 2 CPU cores, the default CNN's plain forward+backward over MNIST
 took about 1.3× as long after the 60,000 training images had been normalised as one tensor (188 MB, too big to
 raise the threshold) as after a 4,096-image one (measured by hand, not a benchmark row).  Fixed thresholds make
-each batch reuse heap memory whatever came before.  Measured on whole commands (BENCHMARKS.md, "Allocator thresholds", ABBA over fresh processes): training 1.08×,
-the default gradient store 1.05×, the factored store from the API 1.06×, EK-FAC influence 1.01–1.02× (within
-noise); none slower.  The price is memory held: up to TRIM_THRESHOLD of freed heap stays in the process (a
-streamed top-10 query over a store grew the resident set by 122–147 MB against 101 MB; BENCHMARKS.md "memory").
+each batch reuse heap memory whatever came before.  Measured on whole commands (BENCHMARKS.md, "Allocator
+thresholds", ABBA over fresh processes): training 1.08×, the default gradient store 1.05×, the factored store from
+the API 1.06×, EK-FAC influence 1.01–1.02× (within noise); none slower.  The price is memory held: up to
+TRIM_THRESHOLD of freed heap stays in the process (a streamed top-10 query over a store grew the resident set by
+122–147 MB against 101 MB; BENCHMARKS.md "memory").
 
 ``TRAINFLUENCE_MALLOC=default`` keeps glibc's own behaviour; an allocator setting of the user's own
 (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, or another allocator preloaded by ``LD_PRELOAD``) is
