@@ -13,6 +13,7 @@ latency over that store, faiss vs numpy.  Writes its table into BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import shutil
 import sys
@@ -51,10 +52,11 @@ def fwd_bwd_rate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int
     return len(x) / timed(run, repeats=repeats)
 
 
-def paired_rates(fns: dict[str, Callable[[], object]], n: int, rounds: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+def paired_rates(fns: dict[str, Callable[[], object]], n: int, rounds: int = 3
+                 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Examples/s of each of ``fns`` (each processes ``n`` examples), run in turn round after round (the order
     reversed every other round, after one untimed round) so that drift in the machine's speed hits all alike.
-    Returns the median rate per function and, per function, the median over rounds of its rate ÷ the first one's."""
+    Returns the median rate per function and ratios[ref][name]: the median over rounds of name's rate ÷ ref's."""
     names = list(fns)
     for name in names:
         fns[name]()
@@ -65,7 +67,8 @@ def paired_rates(fns: dict[str, Callable[[], object]], n: int, rounds: int = 3) 
             fns[name]()
             seconds[name].append(time.perf_counter() - start)
     rates = {name: n / float(np.median(ts)) for name, ts in seconds.items()}
-    ratios = {name: float(np.median([a / b for a, b in zip(seconds[names[0]], ts)])) for name, ts in seconds.items()}
+    ratios = {ref: {name: float(np.median([a / b for a, b in zip(seconds[ref], ts)])) for name, ts in seconds.items()}
+              for ref in names}
     return rates, ratios
 
 
@@ -119,6 +122,9 @@ def main() -> None:
     computer = GradientComputer(fm, Objective())
     vb = computer.batch_size(x[0])
     net = load_checkpoint(work / "run" / "final.pt", device=device).model.eval()
+    # the factored pass runs channels-last on the CPU (FactoredProjector): the same model so converted is the
+    # second reference, a training loop that itself runs channels-last
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
 
     sizes = (32, 64, 128, 256)
     fb = {bs: fwd_bwd_rate(net, x, y, bs) for bs in sizes}
@@ -180,7 +186,7 @@ def main() -> None:
     all_x, all_y = train_set.tensors(slice(0, len(train_set)), device)
     rounds = itertools.count()
 
-    def full_fwd_bwd():
+    def full_fwd_bwd(net=net):
         for i in range(0, len(all_x), best_bs):
             net.zero_grad(set_to_none=True)
             F.cross_entropy(net(all_x[i : i + best_bs]), all_y[i : i + best_bs]).backward()
@@ -190,7 +196,8 @@ def main() -> None:
         build_store(model, train_set, settings=kron_settings, cache_dir=folder, device=device)
         shutil.rmtree(folder)
 
-    build_rates, build_ratios = paired_rates({"fb": full_fwd_bwd, "build": full_build}, len(train_set), rounds=2)
+    full = {"fb": full_fwd_bwd, "fb_cl": lambda: full_fwd_bwd(net_cl), "build": full_build}
+    build_rates, build_ratios = paired_rates(full, len(train_set), rounds=2)
 
     # ---- throughput against k, and against model size ----------------------------------------------------------
     print("throughput against k …", flush=True)
@@ -217,6 +224,8 @@ def main() -> None:
                 net_.zero_grad(set_to_none=True)
                 F.cross_entropy(net_(xs[i : i + bs]), ys[i : i + bs]).backward()
 
+        converted = copy.deepcopy(net_).to(memory_format=torch.channels_last)
+
         def factored(proj=proj, xs=xs, ys=ys):
             for i in range(0, len(xs), FACTORED_BATCH):
                 proj.per_example(xs[i : i + FACTORED_BATCH], ys[i : i + FACTORED_BATCH])
@@ -226,8 +235,10 @@ def main() -> None:
                 for eg in comp_.batches(xs, ys):
                     sketch.project_blocks([eg.grads[n] for n in fm_.names])
 
-        r, q = paired_rates({"fb": fwd_bwd, "factored": factored, "vmap": vmap_sketch}, len(xs), args.rounds)
-        size_rows.append([label, bs, r["fb"], r["factored"], q["factored"], r["vmap"], q["vmap"]])
+        r, q = paired_rates({"fb": fwd_bwd, "fb_cl": lambda c=converted: fwd_bwd(c), "factored": factored,
+                             "vmap": vmap_sketch}, len(xs), args.rounds)
+        size_rows.append([label, bs, r["fb"], r["fb_cl"], r["factored"], q["fb"]["factored"], q["fb_cl"]["factored"],
+                          r["vmap"], q["fb"]["vmap"]])
 
     # ---- queries ---------------------------------------------------------------------------------------
     tx, ty = test_set.tensors(slice(0, 20), device)
@@ -291,7 +302,10 @@ Store of all {store.n:,} training images at k = {args.k} (fp16): built in {build
 {kron_build_s:.1f} s with the factored Kronecker projection; {size_mib:.0f} / {kron_mib:.0f} MiB on disk.
 The factored build measured paired with a plain forward+backward pass over the same {store.n:,} images (batch
 {best_bs}; in turn, 2 rounds after an untimed one, order reversed in the second): {build_rates["build"]:,.0f} vs
-{build_rates["fb"]:,.0f} examples/s, **{build_ratios["build"]:.2f}×** (median of the per-round ratios).
+{build_rates["fb"]:,.0f} examples/s, **{build_ratios["fb"]["build"]:.2f}×** (median of the per-round ratios).  The
+factored pass runs channels-last on the CPU (its own copies of the weights; the model is untouched); against
+the same training step with the model itself converted to channels-last ({build_rates["fb_cl"]:,.0f} examples/s, in
+the same rounds) it runs at {build_ratios["fb_cl"]["build"]:.2f}×.
 
 Throughput against k on the same {len(x)} images (examples/s, and × the best batched forward+backward,
 batch {best_bs}):
@@ -303,10 +317,11 @@ every other round) on the same images — {len(x)} MNIST images for the CNN, {ar
 resnet18 (eval mode; its convolutions and classifier take the factored path, its BatchNorm parameters per-example
 gradients from the same hooks); rates are medians, × is the median over rounds of the per-round ratio to the
 forward+backward of a plain training step (zero_grad, forward, backward) at its fastest batch of 32, 64, 128 (shown;
-resnet18 sweep: {", ".join(f"{bs}: {r:.1f}" for bs, r in r_sweep.items())} ex/s); the factored path runs at the store's
-batch, {FACTORED_BATCH}:
+resnet18 sweep: {", ".join(f"{bs}: {r:.1f}" for bs, r in r_sweep.items())} ex/s), and (× CL) to the same step with the
+model converted to channels-last; the factored path runs at the store's batch, {FACTORED_BATCH}:
 
-{table(["model", "forward+backward batch", "forward+backward ex/s", "factored Kronecker ex/s", "×", "vmap + CountSketch ex/s", "×"], size_rows)}
+{table(["model", "forward+backward batch", "forward+backward ex/s", "same, channels-last ex/s", "factored Kronecker ex/s",
+        "×", "× CL", "vmap + CountSketch ex/s", "×"], size_rows)}
 
 Query latency over that store: the 10 most helpful and the 10 most harmful training images of one test point
 (one query vector s_test; both lists), alone and per test point when 20 test points are asked at once:

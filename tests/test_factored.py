@@ -70,6 +70,33 @@ def test_factored_path_equals_the_dense_kronecker_projection(setup):
     torch.testing.assert_close(proj.project(2 * grads[:3] - grads[3:6]), 2 * want[:3] - want[3:6], rtol=1e-4, atol=1e-5)
     again = FactoredProjector(fm, Objective(), layout_for(fm, 256), seed=3)
     torch.testing.assert_close(again.project(grads), want)
+    # the CPU pass runs channels-last (the module docstring); the default layout gives the same numbers
+    assert proj.channels_last and all(p.is_contiguous() for p in fm.params.values())  # fm untouched
+    again.channels_last = False
+    torch.testing.assert_close(again.per_example(x, y)[0], got, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+class ViewNet(nn.Module):
+    """LeNet style: ``x.view(len(x), -1)`` after a convolution, which channels-last activations refuse."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).view(len(x), -1))
+
+
+def test_factored_pass_falls_back_to_the_default_layout(setup):
+    _, x, y, _ = setup
+    fm = FunctionalModel(ViewNet().eval(), "all")
+    proj = FactoredProjector(fm, Objective(), layout_for(fm, 64), seed=0)
+    assert proj.channels_last
+    got = proj.per_example(x, y)[0]
+    assert not proj.channels_last  # the view failed once; this projector keeps the default layout from then on
+    want = proj.project(GradientComputer(fm, Objective()).flat(x, y))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_factored_inner_products_unbiased_within_their_bound(setup):
