@@ -21,6 +21,9 @@ statistics, y = γ·x̂ + β with x̂ = (x − μ)/√(σ² + ε), gets its per-
 (∂ℓᵢ/∂γ = Σₜ δₜ x̂ₜ, ∂ℓᵢ/∂β = Σₜ δₜ per channel) and a CountSketch of its block; any other parameter is handled by
 the per-example ``vmap`` path and a CountSketch.
 
+On the CPU the pass runs channels-last (its own copies of the weights; the model is untouched), which oneDNN's
+convolutions run 2–3× faster; a model whose code needs the default layout falls back to it.
+
 The output coordinates are laid out block by block in the order of the selected parameters: a Kronecker layer's
 k_out·k_in coordinates where its weight comes (its bias has none of its own), every other parameter's where it is.
 """
