@@ -50,12 +50,18 @@ def test_store_contents_match_per_example_gradients(model, small, tmp_path):
     x, y = small.tensors()
     want = GradientComputer(fm, Objective()).flat(x, y).numpy()
     assert store.dim == fm.dim and store.key["dtype"] == "fp32"
-    np.testing.assert_allclose(store.read(), want, rtol=1e-5, atol=1e-7)
+    # the build batches by chunk (50, 50, 30 rows), the reference all 130 at once: oneDNN's convolutions order their
+    # float32 sums by batch shape, so single entries can differ by ~1e-7 of the row's size (seen: 3e-7 on an entry of
+    # 5e-3, relative 6e-5) — the bound is on each row as a whole
+    got = store.read()
+    assert float((np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)).max()) < 1e-5
     assert np.array_equal(store.column("label"), y.numpy())
     with torch.no_grad():
         logits = model(x)
     assert np.array_equal(store.column("pred"), logits.argmax(1).numpy())
-    np.testing.assert_allclose(store.column("loss"), torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy(), rtol=1e-5)
+    # losses agree to the float32 logits' rounding, ~1e-7 of their size (~10): an absolute bound, as some are near 0
+    np.testing.assert_allclose(store.column("loss"), torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy(),
+                               rtol=1e-5, atol=2e-6)
     again = build_store(model, small, settings=StoreSettings(params="all", chunk_size=50), cache_dir=tmp_path)
     assert again.store.root == store.root and again.built_chunks == 0  # reused
 
