@@ -43,13 +43,16 @@ from trainfluence.store.build import FACTORED_BATCH, block_energies  # noqa: E40
 from trainfluence.train import TrainConfig, train  # noqa: E402
 
 
+def fwd_bwd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int) -> None:
+    """A plain training step's forward and backward (no optimiser step) over x at batch size ``bs``."""
+    for i in range(0, len(x), bs):
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x[i : i + bs]), y[i : i + bs]).backward()
+
+
 def fwd_bwd_rate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, repeats: int = 2) -> float:
-    """Examples/s of a plain training step's forward and backward (no optimiser step) at batch size ``bs``."""
-    def run():
-        for i in range(0, len(x), bs):
-            net.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x[i : i + bs]), y[i : i + bs]).backward()
-    return len(x) / timed(run, repeats=repeats)
+    """Examples/s of :func:`fwd_bwd` at batch size ``bs``."""
+    return len(x) / timed(lambda: fwd_bwd(net, x, y, bs), repeats=repeats)
 
 
 def paired_rates(fns: dict[str, Callable[[], object]], n: int, rounds: int = 3
@@ -186,17 +189,13 @@ def main() -> None:
     all_x, all_y = train_set.tensors(slice(0, len(train_set)), device)
     rounds = itertools.count()
 
-    def full_fwd_bwd(net=net):
-        for i in range(0, len(all_x), best_bs):
-            net.zero_grad(set_to_none=True)
-            F.cross_entropy(net(all_x[i : i + best_bs]), all_y[i : i + best_bs]).backward()
-
     def full_build():
         folder = work / f"cache-kron-{next(rounds)}"
         build_store(model, train_set, settings=kron_settings, cache_dir=folder, device=device)
         shutil.rmtree(folder)
 
-    full = {"fb": full_fwd_bwd, "fb_cl": lambda: full_fwd_bwd(net_cl), "build": full_build}
+    full = {"fb": lambda: fwd_bwd(net, all_x, all_y, best_bs), "fb_cl": lambda: fwd_bwd(net_cl, all_x, all_y, best_bs),
+            "build": full_build}
     build_rates, build_ratios = paired_rates(full, len(train_set), rounds=2)
 
     # ---- throughput against k, and against model size ----------------------------------------------------------
@@ -213,18 +212,13 @@ def main() -> None:
     r_sweep = {bs: fwd_bwd_rate(resnet, rx, ry, bs, repeats=1) for bs in (32, 64, 128)}
     r_best = max(r_sweep, key=r_sweep.get)
     size_rows = []
-    for label, net_, fm_, comp_, src, xs, ys, bs in [
-            (f"default CNN, MNIST 28×28 ({fm.dim:,} parameters)", net, fm, computer, train_set, x, y, best_bs),
-            (f"resnet18, shapes 32×32 ({r_fm.dim:,} parameters)", resnet, r_fm, r_computer, shapes, rx, ry, r_best)]:
+    resnet_cl = copy.deepcopy(resnet).to(memory_format=torch.channels_last)
+    for label, net_, converted, fm_, comp_, src, xs, ys, bs in [
+            (f"default CNN, MNIST 28×28 ({fm.dim:,} parameters)", net, net_cl, fm, computer, train_set, x, y, best_bs),
+            (f"resnet18, shapes 32×32 ({r_fm.dim:,} parameters)", resnet, resnet_cl, r_fm, r_computer, shapes, rx, ry,
+             r_best)]:
         proj = FactoredProjector(fm_, Objective(), factored_layout(fm_, args.k, block_energies(fm_, comp_, src)))
         sketch = Projector(ProjectionSpec(args.k, 0, "countsketch"), fm_.sizes, fm_.device)
-
-        def fwd_bwd(net_=net_, xs=xs, ys=ys, bs=bs):
-            for i in range(0, len(xs), bs):
-                net_.zero_grad(set_to_none=True)
-                F.cross_entropy(net_(xs[i : i + bs]), ys[i : i + bs]).backward()
-
-        converted = copy.deepcopy(net_).to(memory_format=torch.channels_last)
 
         def factored(proj=proj, xs=xs, ys=ys):
             for i in range(0, len(xs), FACTORED_BATCH):
@@ -235,8 +229,9 @@ def main() -> None:
                 for eg in comp_.batches(xs, ys):
                     sketch.project_blocks([eg.grads[n] for n in fm_.names])
 
-        r, q = paired_rates({"fb": fwd_bwd, "fb_cl": lambda c=converted: fwd_bwd(c), "factored": factored,
-                             "vmap": vmap_sketch}, len(xs), args.rounds)
+        r, q = paired_rates({"fb": lambda n=net_, xs=xs, ys=ys, bs=bs: fwd_bwd(n, xs, ys, bs),
+                             "fb_cl": lambda n=converted, xs=xs, ys=ys, bs=bs: fwd_bwd(n, xs, ys, bs),
+                             "factored": factored, "vmap": vmap_sketch}, len(xs), args.rounds)
         size_rows.append([label, bs, r["fb"], r["fb_cl"], r["factored"], q["fb"]["factored"], q["fb_cl"]["factored"],
                           r["vmap"], q["fb"]["vmap"]])
 
@@ -312,7 +307,7 @@ batch {best_bs}):
 
 {table(["k", "factored Kronecker", "×", "vmap + CountSketch", "×"], k_rows)}
 
-Against model size, k = {args.k}, measured paired: the three run in turn for {args.rounds} rounds (order reversed
+Against model size, k = {args.k}, measured paired: the four run in turn for {args.rounds} rounds (order reversed
 every other round) on the same images — {len(x)} MNIST images for the CNN, {args.resnet_n} shapes images at 32×32 for
 resnet18 (eval mode; its convolutions and classifier take the factored path, its BatchNorm parameters per-example
 gradients from the same hooks); rates are medians, × is the median over rounds of the per-round ratio to the
