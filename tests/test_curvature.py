@@ -18,6 +18,8 @@ from trainfluence.kfac import KroneckerCurvature
 from trainfluence.objective import FunctionalModel, Objective
 from trainfluence.settings.influence import DAMPING_AUTO_FRACTION
 
+from .nets import ViewNet
+
 
 class ConvNet(nn.Module):
     """Strided, dilated and padded convolutions, BatchNorm (a diagonal block) and in-place ReLUs."""
@@ -125,6 +127,57 @@ def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_its_basis(problem):
     assert torch.allclose(kc.inverse_sqrt(half, 0.05), want, atol=1e-10)
     # the mean eigenvalue is the GGN's (its trace / p): what damping "auto" scales
     assert float(kc.eigenvalues().mean()) == pytest.approx(float(torch.trace(problem["ggn"])) / fm.dim, rel=1e-10)
+
+
+def test_output_hessian_factors_are_a_minimal_factorisation():
+    """K − 1 cotangents (H_f = diag(p) − ppᵀ has rank K − 1) whose outer products sum to H_f, largest first, for
+    confident and uncertain outputs alike."""
+    f = torch.cat([torch.randn(6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 3,
+                   torch.tensor([[25.0, 0, 0, 0, 0, 0, 0]], dtype=torch.float64)])
+    U = Objective().output_hessian_factors(f)
+    assert U.shape == (6, 7, 7)
+    p = torch.softmax(f, 1)
+    Hf = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(torch.einsum("cbk,cbl->bkl", U, U), Hf, rtol=0, atol=1e-14)
+    norms = U.pow(2).sum(2)  # [K − 1, B]: the eigenvalues, in descending order
+    assert bool((norms[:-1] >= norms[1:] - 1e-15).all())
+
+
+def _fit(model: nn.Module, problem, **kwargs) -> KroneckerCurvature:
+    fm = FunctionalModel(model.double().eval(), "all")
+    return KroneckerCurvature(fm, Objective(), **kwargs).fit(TensorSource(problem["x"], problem["y"]), np.arange(40),
+                                                            batch_size=16, progress=False)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(72, 9), nn.Tanh(), nn.Linear(9, 3))
+
+
+@pytest.mark.parametrize("make", [ConvNet, lambda: ViewNet(channels=2, size=6, classes=3), mlp], ids=["convnet", "view-after-conv", "mlp"])
+def test_kronecker_fit_is_layout_and_path_free(problem, make, monkeypatch):
+    """The fit's channels-last passes (and their fallback when the model's code needs the default layout), the
+    per-cotangent backward passes of a convolutional model and the batched one of a linear model give the factors
+    and EK-FAC eigenvalues that the default layout gives; and torch's eigendecomposition failing (as it does on some
+    large rank-deficient factors) changes nothing: the LAPACK fallback gives the same decomposition."""
+    got = _fit(make(), problem)
+    import trainfluence.kfac as kfac_module
+
+    monkeypatch.setattr(kfac_module, "channels_last_params", lambda fm, has_conv: {})
+    want = _fit(make(), problem)
+    for a, b in zip(got.layers, want.layers):
+        for name in ("A", "S", "eig"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-12)
+
+    def fails(_matrix):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    robust = _fit(make(), problem)
+    for a, b in zip(robust.layers, want.layers):
+        torch.testing.assert_close(a.eig, b.eig, rtol=0, atol=1e-12)
+        torch.testing.assert_close(robust.solve(torch.ones(1, robust.fm.dim, dtype=torch.float64), 0.1),
+                                   want.solve(torch.ones(1, want.fm.dim, dtype=torch.float64), 0.1), rtol=1e-9, atol=1e-12)
 
 
 def test_ekfac_solver_and_damping_auto(problem, tmp_path):

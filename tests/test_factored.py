@@ -13,6 +13,8 @@ from trainfluence.factored import FactoredProjector, factored_layout, factored_l
 from trainfluence.gradients import GradientComputer
 from trainfluence.objective import FunctionalModel, Objective
 
+from .nets import ViewNet
+
 
 class Net(nn.Module):
     """Convolutions (padded, strided, dilated, with and without bias), BatchNorm (per-example gradients from the
@@ -76,21 +78,9 @@ def test_factored_path_equals_the_dense_kronecker_projection(setup):
     torch.testing.assert_close(again.per_example(x, y)[0], got, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
-class ViewNet(nn.Module):
-    """LeNet style: ``x.view(len(x), -1)`` after a convolution, which channels-last activations refuse."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 5)
-
-    def forward(self, x):
-        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).view(len(x), -1))
-
-
 def test_factored_pass_falls_back_to_the_default_layout(setup):
     _, x, y, _ = setup
-    fm = FunctionalModel(ViewNet().eval(), "all")
+    fm = FunctionalModel(ViewNet(channels=3, size=8, classes=5).eval(), "all")
     proj = FactoredProjector(fm, Objective(), layout_for(fm, 64), seed=0)
     assert proj.channels_last
     got = proj.per_example(x, y)[0]

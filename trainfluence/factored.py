@@ -22,7 +22,7 @@ statistics, y = γ·x̂ + β with x̂ = (x − μ)/√(σ² + ε), gets its per-
 the per-example ``vmap`` path and a CountSketch.
 
 On the CPU the pass runs channels-last (its own copies of the weights; the model is untouched; see
-``FactoredProjector._hooked_pass``); a model whose code needs the default layout falls back to it.
+:func:`~trainfluence.kfac.channels_last_params`); a model whose code needs the default layout falls back to it.
 
 The output coordinates are laid out block by block in the order of the selected parameters: a Kronecker layer's
 k_out·k_in coordinates where its weight comes (its bias has none of its own), every other parameter's where it is.
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from .kfac import kronecker_modules
+from .kfac import channels_last_params, kronecker_modules
 from .objective import FunctionalModel, Objective
 from .projection import _block_generator
 
@@ -143,9 +143,8 @@ class FactoredProjector:
                 w_in = self.P_in[layer.module][:, : layer.d_in - int(layer.bias is not None)]
                 kernel = w_in.reshape(len(w_in), -1, *layer.conv["kernel_size"])
                 self._kernels[layer.module] = kernel.contiguous(memory_format=torch.channels_last)
-        self.channels_last = device.type == "cpu" and bool(self._kernels)
-        self._cl_params = {n: p.contiguous(memory_format=torch.channels_last) for n, p in fm.params.items()
-                           if p.dim() == 4} if self.channels_last else {}
+        self._cl_params = channels_last_params(fm, bool(self._kernels))
+        self.channels_last = bool(self._cl_params)
         if self.vmapped:
             fixed = {n: p for n, p in fm.params.items() if n not in self.vmapped}
 
@@ -226,12 +225,10 @@ class FactoredProjector:
         operation changed (a ReLU(inplace=True) after a BatchNorm, a residual ``out += x``) would give the gradient
         of the changed tensor — and the pass must be repeated with those modules copied.
 
-        With ``channels_last`` the pass runs in that layout (same values, float sums ordered differently): 4-D
-        weights are copied channels-last and every hooked convolution's output is made so, which keeps the ops
-        that follow (ReLU, pooling and their backward) in one layout.  Measured by hand on the default CNN at batch
-        64 (2 cores): a [64, 24, 28, 28] → 32-channel convolution 5.2 ms against 13.8 ms; a ReLU backward given
-        mixed layouts — a 1-channel input's convolution returns the default layout — 6.3 ms against 0.63 ms.  The
-        user's model and ``fm`` are untouched."""
+        With ``channels_last`` the pass runs in that layout (same values, float sums ordered differently; see
+        :func:`~trainfluence.kfac.channels_last_params`): 4-D weights are copied channels-last and every hooked
+        convolution's output is made so, which keeps the ops that follow (ReLU, pooling and their backward) in one
+        layout."""
         fm = self.fm
         modules = self._modules
         channels_last = self.channels_last

@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import UserError
+from .linalg import symmetric_eigh
 
 Params = dict[str, torch.Tensor]
 
@@ -51,11 +52,18 @@ class Objective:
         return p * u - p * (p * u).sum(-1, keepdim=True)
 
     def output_hessian_factors(self, outputs: torch.Tensor) -> torch.Tensor:
-        """[K, B, K]: vectors u_c with Σ_c u_c u_cᵀ = H_f per example (u_c = √p_c (p − e_c) for cross-entropy, so
-        that E_{y∼p}[∇ℓ_y ∇ℓ_yᵀ] = Jᵀ H_f J: the Fisher with the model's own labels equals the GGN)."""
-        p = torch.softmax(outputs, dim=-1)
-        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-        return p.sqrt().T.unsqueeze(-1) * (p.unsqueeze(0) - eye.unsqueeze(1))
+        """[K − 1, B, K]: vectors u_c with Σ_c u_c u_cᵀ = H_f per example, so that E_{y∼p}[∇ℓ_y ∇ℓ_yᵀ] = Jᵀ H_f J
+        (the Fisher with the model's own labels equals the GGN) is a sum over backward passes with cotangents u_c.
+
+        Cross-entropy: H_f = diag(p) − ppᵀ has rank at most K − 1 (H_f 1 = 0), so its eigendecomposition
+        H_f = Σ_c λ_c v_c v_cᵀ without the null direction gives K − 1 vectors u_c = √λ_c v_c, one backward pass fewer
+        than the K-term identity Σ_c p_c (e_c − p)(e_c − p)ᵀ.  Computed in float64 (a [K, K] eigh per example),
+        returned in ``outputs``' dtype, largest eigenvalue first."""
+        p = torch.softmax(outputs.double(), dim=-1)
+        hf = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        lam, vec = symmetric_eigh(hf)  # ascending; the first is H_f's null direction (λ = 0 up to rounding)
+        factors = vec[..., 1:].flip(-1) * lam[..., 1:].flip(-1).clamp_min(0).sqrt().unsqueeze(-2)  # [B, K, K − 1]
+        return factors.permute(2, 0, 1).to(outputs.dtype)
 
     def regularizer(self, params: Params) -> torch.Tensor:
         """(wd/2) ‖θ‖² over the selected parameters."""

@@ -25,6 +25,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from ..hvp import HessianOperator
+from ..linalg import symmetric_eigh
 from ..settings.influence import ArnoldiSettings
 from .base import EigenSolver, SolveReport
 from .exact import BYTES_PER_ENTRY, available_memory
@@ -43,7 +44,7 @@ class ArnoldiSolver(EigenSolver):
     def _top(self, op: HessianOperator, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         dense_fits = BYTES_PER_ENTRY * op.dim**2 <= 0.5 * available_memory()
         if r >= op.dim - 1 or (r >= op.dim // 4 and dense_fits):  # ARPACK with k ~ p/4 is slower than eigh
-            evals, evecs = torch.linalg.eigh(op.dense())
+            evals, evecs = symmetric_eigh(op.dense())
             self.hvp_calls += op.dim
             return evals.flip(0)[:r], evecs.flip(1)[:, :r]
 

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..hvp import HessianOperator
+from ..linalg import symmetric_eigh
 from ..settings.influence import ExactSettings
 from .base import EigenSolver
 
@@ -26,9 +27,10 @@ def available_memory() -> int:
 
 
 class ExactSolver(EigenSolver):
-    """H⁻¹V = Q Λ⁻¹ Qᵀ V from the dense H (p curvature-vector products) and ``torch.linalg.eigh``, reused across
-    calls.  Refused only when it would not fit: the dense solve needs about 24·p² bytes (H, its eigenvectors and
-    LAPACK's workspace in float64), checked against ``max_memory_gb`` (default 80% of the memory available now).
+    """H⁻¹V = Q Λ⁻¹ Qᵀ V from the dense H (p curvature-vector products) and its eigendecomposition
+    (:func:`~trainfluence.linalg.symmetric_eigh`), reused across calls.  Refused only when it would not fit: the
+    dense solve needs about 24·p² bytes (H, its eigenvectors and LAPACK's workspace in float64), checked against
+    ``max_memory_gb`` (default 80% of the memory available now).
     H must be positive definite — with the Hessian of a non-convex model raise the damping until it is."""
 
     name = "exact"
@@ -45,7 +47,7 @@ class ExactSolver(EigenSolver):
                 f"{limit / 2**30:.1f} GiB it may use: use --params last (fewer parameters), --solver cg, lissa or "
                 "ekfac, or raise --exact-max-memory-gb"
             )
-        evals, evecs = torch.linalg.eigh(op.dense())
+        evals, evecs = symmetric_eigh(op.dense())
         if float(evals.min()) <= 0:
             raise UserError(
                 f"the damped curvature is not positive definite (smallest eigenvalue {float(evals.min()):.3g}): "
