@@ -84,7 +84,7 @@ def test_ggn_equals_the_hessian_for_a_linear_model():
         assert torch.allclose(HessianOperator(fm, obj, src, 0.0, curvature=curvature).hvp(V), V @ H, atol=1e-12)
 
 
-def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_its_basis(problem):
+def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_its_basis(problem, monkeypatch):
     """EK-FAC's defining property: in the K-FAC eigenbasis Q_S ⊗ Q_A its eigenvalues are the exact diagonal of
     the GGN block, Λ* = diag(Qᵀ G Q) — for convolutions too, where K-FAC itself is only an approximation; the
     parameters outside Kronecker blocks (BatchNorm) get the exact diagonal of the GGN."""
@@ -110,6 +110,16 @@ def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_its_basis(problem):
     for name, d in kc.diagonal.items():
         i = np.arange(offsets[name], offsets[name] + d.numel())
         assert torch.allclose(d.flatten(), torch.diagonal(problem["ggn"])[i], atol=1e-12)
+    # BatchNorm's diagonal came from the backward passes' hooks; the per-example vmap path (any other parameter
+    # outside the Kronecker blocks) gives the same
+    import trainfluence.kfac as kfac_module
+
+    monkeypatch.setattr(kfac_module, "hooked_norms", lambda fm: {})
+    by_vmap = KroneckerCurvature(fm, Objective(), corrected=False).fit(TensorSource(problem["x"], problem["y"]),
+                                                                      np.arange(40), batch_size=16, progress=False)
+    assert not by_vmap.norms and kc.norms == {"bn": ("bn.weight", "bn.bias")}
+    for name, d in kc.diagonal.items():
+        assert torch.allclose(by_vmap.diagonal[name], d, atol=1e-12)
     # the approximation P + dI, assembled densely, is what solve and whiten invert
     dense = torch.zeros(fm.dim, fm.dim, dtype=torch.float64)
     for layer in kc.layers:

@@ -35,10 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import grad, vmap
 
-from .kfac import channels_last_params, kronecker_modules
+from .kfac import channels_last_params, hooked_norms, kronecker_modules, norm_gradients
 from .objective import FunctionalModel, Objective
 from .projection import _block_generator
 
@@ -63,18 +62,6 @@ def factored_layers(fm: FunctionalModel) -> list[FactoredLayer]:
     """The selected parameters' Linear and Conv2d layers (k_out, k_in not yet chosen: 0)."""
     return [FactoredLayer(m.module, m.weight, m.bias, m.conv, fm.params[m.weight].shape[0],
                           fm.params[m.weight][0].numel() + int(m.bias is not None), 0, 0) for m in kronecker_modules(fm)]
-
-
-def hooked_norms(fm: FunctionalModel) -> dict[str, tuple[str, str]]:
-    """BatchNorm2d modules whose selected γ and β get per-example gradients from hooks: affine, with running
-    statistics (so eval mode normalises each example on its own).  module → (γ name, β name)."""
-    chosen, out = set(fm.names), {}
-    for name, module in fm.module.named_modules():
-        if isinstance(module, nn.BatchNorm2d) and module.affine and module.running_mean is not None:
-            weight, bias = f"{name}.weight", f"{name}.bias"
-            if weight in chosen and bias in chosen:
-                out[name] = (weight, bias)
-    return out
 
 
 SIMD_WIDTH = 16  # a sketched input side is a multiple of this: convolution kernels run in blocks of 16 channels
@@ -292,11 +279,8 @@ class FactoredProjector:
         for layer, d in zip(self.layers, deltas):
             projected[layer.module] = self._project_layer(layer, inputs[layer.module], d).flatten(1)
         for (name, (gamma, beta)), d in zip(self.norms.items(), norm_deltas):
-            # Σₜ δₜ x̂ₜ = (Σₜ δₜ xₜ − μ Σₜ δₜ) / √(σ² + ε) per channel, without forming x̂
-            bn, d_sum = modules[name], d.sum((2, 3))
-            d_x = torch.einsum("bchw,bchw->bc", d, inputs[name])
-            projected[gamma] = self._sketch_other(gamma, (d_x - bn.running_mean * d_sum) * (bn.running_var + bn.eps).rsqrt())
-            projected[beta] = self._sketch_other(beta, d_sum)
+            g_gamma, g_beta = norm_gradients(modules[name], inputs[name], d)
+            projected[gamma], projected[beta] = self._sketch_other(gamma, g_gamma), self._sketch_other(beta, g_beta)
         if self._per_example_others is not None:
             own = {n: fm.params[n] for n in self.vmapped}
             with torch.no_grad():
