@@ -5,7 +5,8 @@ For a Linear or Conv2d layer with weight W [out, in] (a convolution's weight as 
 one more input column fed by a constant 1), the per-example gradient is Gᵢ = Σₜ δₜ aₜᵀ: aₜ the layer's input at
 position t (unfolded patches for a convolution), δₜ the gradient at its output.  With the model's own labels —
 the Fisher, which for cross-entropy is the GGN; the expectation over labels is taken exactly, one backward pass per
-class with output cotangent u_c, Σ_c u_c u_cᵀ = H_f (:meth:`~trainfluence.objective.Objective.output_hessian_factors`):
+output cotangent u_c with Σ_c u_c u_cᵀ = H_f (K − 1 of them for K classes,
+:meth:`~trainfluence.objective.Objective.output_hessian_factors`):
 
     G_layer ≈ T · S ⊗ A,   A = mean_{i,t} aₜaₜᵀ,   S = mean_{i,t} E_y[δₜδₜᵀ]        (K-FAC; T positions per example)
 
@@ -15,7 +16,8 @@ drops and fixes the Kronecker approximation's error on the diagonal):
 
     Λ*[o, j] = (1/n) Σᵢ E_y[(Q_Sᵀ Gᵢ Q_A)²[o, j]].
 
-Parameters of other modules (BatchNorm, …) get the diagonal (1/n) Σᵢ E_y[gᵢ²].  With d = wd + λ, the
+Parameters of other modules (BatchNorm, …) get the diagonal (1/n) Σᵢ E_y[gᵢ²] (an eval-mode BatchNorm's from the
+same backward passes, :func:`norm_gradients`).  With d = wd + λ, the
 approximation P = blockdiag(…) + dI is inverted exactly:
 
     P⁻¹v = Q_S [(Q_Sᵀ V Q_A) / (Λ + d)] Q_Aᵀ per layer,    v / (diagonal + d) elsewhere;
@@ -23,8 +25,8 @@ approximation P = blockdiag(…) + dI is inverted exactly:
 and gᵀP⁻¹g = ‖(Q_Sᵀ G Q_A) / √(Λ + d)‖² + … (:meth:`KroneckerCurvature.whiten`).  Factors are estimated in
 float64 (products of a batch in the model's dtype, their sums in float64) over the given examples,
 ``batch_size`` at a time: one pass for A and S, a second for Λ* (EK-FAC).  Each batch is one forward pass and one
-backward pass per output cotangent (K − 1 of them for K classes), each folded into the sums before the next.  On
-the CPU the passes run channels-last (see :func:`channels_last_params`).
+backward pass per output cotangent, each folded into the sums before the next (:meth:`KroneckerCurvature._passes`).
+On the CPU the passes run channels-last (see :func:`channels_last_params`).
 """
 
 from __future__ import annotations
