@@ -94,6 +94,25 @@ def test_train_records_the_logits_each_step_was_taken_from(tmp_path):
         AuditContext(load_checkpoint(tmp_path / "epoch-1.pt"), other, torch.device("cpu"), lambda: None).dynamics
 
 
+def test_noise_estimate_above_one_half_is_refused_not_shown():
+    """A model that has not learnt the classes (near-uniform probabilities, a little noise in them) makes confident
+    learning flag most labels: the rate is kept as measured but refused — no cut, a reason — while a planted 40%
+    that the model sees through is still estimated."""
+    rng = np.random.default_rng(3)
+    n, k = 1500, 5
+    given = rng.integers(0, k, n)
+    untrained = rng.dirichlet(np.full(k, 50.0), n)  # every class near 1/k
+    est = estimate_noise(given, untrained)
+    assert est.rate > 0.5 and est.count == 0 and "more than half" in est.refusal and "train longer" in est.refusal
+    true = rng.integers(0, k, n)
+    flip = rng.random(n) < 0.4
+    noisy = np.where(flip, (true + 1 + rng.integers(0, k - 1, n)) % k, true)
+    probs = np.full((n, k), 0.05)
+    probs[np.arange(n), true] = 0.8
+    est = estimate_noise(noisy, probs)
+    assert not est.refusal and est.rate == pytest.approx(flip.mean(), abs=1e-12) and est.count == int(flip.sum())
+
+
 def test_confident_learning_recovers_a_planted_rate_and_its_pairs():
     rng = np.random.default_rng(0)
     n, k = 2000, 4

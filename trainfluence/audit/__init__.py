@@ -57,7 +57,8 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
     si_table = relabel_self_influence(ctx.engine, top, train.num_classes)  # the least self-influential label
     si_suggested = {int(i): int(c) for i, c in zip(top, si_table.argmin(1))}
     timings["suggest_s"] = time.perf_counter() - t0
-    write(f"audit: estimated noise rate {estimate.rate:.1%} ({estimate.count} labels) from the {rev.probabilities}")
+    write(f"audit: noise rate not estimated from the {rev.probabilities}: {estimate.refusal}" if estimate.refusal else
+          f"audit: estimated noise rate {estimate.rate:.1%} ({estimate.count} labels) from the {rev.probabilities}")
 
     t0 = time.perf_counter()
     related: dict[int, dict[str, list[dict[str, Any]]]] = {}
@@ -83,7 +84,8 @@ def run_audit(ckpt: Checkpoint, train: ImageDataset, test: ImageDataset, setting
     if engine is not None and engine.build_report is not None:
         report["gradient_store"] = "reused (no gradient pass)" if engine.build_report.reused else \
             f"built {engine.build_report.built_chunks} chunk(s)"
-    report["noise_estimate"] = {"rate": estimate.rate, "count": estimate.count, "probabilities": rev.probabilities,
+    report["noise_estimate"] = {"rate": estimate.rate, "count": estimate.count, "refusal": estimate.refusal,
+                                "probabilities": rev.probabilities,
                                 "top_pairs": estimate.top_pairs(train.classes),
                                 "method": "confident learning (per-class thresholds, calibrated confident joint)"}
     if flipped is not None:

@@ -46,7 +46,8 @@ def plots(out: Path, scores: dict[str, np.ndarray], flipped: np.ndarray, cut: in
         ax.plot(100 * x, y, label=name)
     ax.plot([0, 100], [0, 1], "k:", label="random (diagonal)")
     ax.axvline(100 * flipped.mean(), color="grey", lw=0.8, ls="--", label="true noise rate")
-    ax.axvline(100 * cut / len(flipped), color="tab:red", lw=0.8, ls=":", label="estimated (suggested cut)")
+    if cut:  # 0: the estimate was refused, no cut
+        ax.axvline(100 * cut / len(flipped), color="tab:red", lw=0.8, ls=":", label="estimated (suggested cut)")
     ax.set_xlabel("% of training set inspected (in score order)")
     ax.set_ylabel("recall of flipped labels")
     ax.set_xlim(0, min(100, max(40, 150 * max(flipped.mean(), cut / len(flipped)))))
@@ -89,9 +90,13 @@ def write_html(out: Path, report: dict[str, Any], train: ImageDataset, suspects:
     parts += [f"<p class='muted'>note: {esc(note)}</p>" for note in report.get("notes", [])]
     est = report["noise_estimate"]
     true_rate = f" (planted: {est['true_rate']:.1%})" if "true_rate" in est else ""
-    parts.append(f"<h2>How many to review</h2><p>Estimated noise rate <b>{est['rate']:.1%}</b>{esc(true_rate)}: "
-                 f"review the top <b>{est['count']}</b> of the ranking (the suggested cut, column within_cut of "
-                 f"suspects.csv). {esc(est['method'])} on the {esc(est['probabilities'])} probabilities.</p>")
+    if est.get("refusal"):
+        parts.append(f"<h2>How many to review</h2><p><b>Not estimated</b>{esc(true_rate)}: {esc(est['refusal'])}. "
+                     f"{esc(est['method'])} on the {esc(est['probabilities'])} probabilities.</p>")
+    else:
+        parts.append(f"<h2>How many to review</h2><p>Estimated noise rate <b>{est['rate']:.1%}</b>{esc(true_rate)}: "
+                     f"review the top <b>{est['count']}</b> of the ranking (the suggested cut, column within_cut of "
+                     f"suspects.csv). {esc(est['method'])} on the {esc(est['probabilities'])} probabilities.</p>")
     if est["top_pairs"]:
         parts.append("<p>Most likely confusions (given label → true label):</p>" + html.table(
             ["given", "likely true", "examples", "share of the given class"],
@@ -107,7 +112,7 @@ def write_html(out: Path, report: dict[str, Any], train: ImageDataset, suspects:
         parts.append(html.table(["score", "ROC AUC", "recall at 10% inspected", "average precision", "F1 at #flipped"], rows))
     parts.append(f"<h2>Top {len(suspects)} suspects</h2><div class='grid'>")
     for s in suspects:
-        if s["rank"] == est["count"] + 1:
+        if est["count"] and s["rank"] == est["count"] + 1:
             parts.append(f"<div class='cut'>suggested cut: the {est['count']} above are the estimated wrong labels</div>")
         flip = " flip" if s.get("is_flipped") else ""
         note = " <span class='bad'>planted flip</span>" if s.get("is_flipped") else ""

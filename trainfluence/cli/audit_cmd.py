@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
                        device, arch=args.arch)
     print(f"ranked {report['n']} training images by {report['rank_by']}")
     est = report["noise_estimate"]
-    print(f"estimated noise rate {est['rate']:.1%}: review the top {est['count']} (the suggested cut)"
+    print((f"noise rate not estimated: {est['refusal']}" if est["refusal"] else
+           f"estimated noise rate {est['rate']:.1%}: review the top {est['count']} (the suggested cut)")
           + (f"; planted {est['true_rate']:.1%}" if "true_rate" in est else ""))
     acc = report.get("suggestion_accuracy")
     if acc and acc["suggested_is_original"] is not None:

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     shown = {e["index"] for item in report["explanations"] for kind in ("helpful", "harmful") for e in item[kind]}
     flagged = sum(1 for i in shown if i in marks)
     print(f"label check: {flagged} of the {len(shown)} training images shown are planted flips or audit suspects "
-          f"(the audit's default ranking, top {rev.estimate.count}); marked on the pages")
+          + (f"(the audit's default ranking, top {rev.estimate.count})" if not rev.estimate.refusal else
+             "(no audit suspects: the noise rate was not estimated)") + "; marked on the pages")
     print(f"wrote {out / 'influence.json'}, {len(report['explanations'])} PNG grid(s) and {out / 'index.html'}")
     return 0
 
