@@ -282,7 +282,7 @@ class KroneckerCurvature:
 
             def deltas(factors=factors, logits=logits, targets=targets):
                 if not has_conv:  # one backward pass batched over the cotangents (vmap) is cheaper for linear layers
-                    grads = torch.autograd.grad(logits, targets, grad_outputs=factors, is_grads_batched=True) if targets else []
+                    grads = torch.autograd.grad(logits, targets, grad_outputs=factors, is_grads_batched=True) if len(factors) else []
                     for c in range(len(factors)):
                         yield [g[c] for g in grads]
                     return
