@@ -40,18 +40,21 @@ class ConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def exact_ggn(fm: FunctionalModel, x: torch.Tensor) -> torch.Tensor:
+    """(1/n) Σᵢ Jᵢᵀ H_f Jᵢ over all of ``fm``'s parameters, from the full Jacobian (independent of kfac.py)."""
+    J = jacrev(lambda th: fm(fm.unflatten(th), x))(fm.flat_params())  # [n, K, p]
+    p = torch.softmax(fm(fm.params, x), 1)
+    Hf = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("bkp,bkl,blq->pq", J, Hf, J) / len(x)
+
+
 @pytest.fixture(scope="module")
 def problem():
     model = ConvNet().double().eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
     fm = FunctionalModel(model, "all")
-    theta = fm.flat_params()
-    J = jacrev(lambda th: fm(fm.unflatten(th), x))(theta)  # [n, K, p]
-    p = torch.softmax(fm(fm.params, x), 1)
-    Hf = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    ggn = torch.einsum("bkp,bkl,blq->pq", J, Hf, J) / len(x)
-    return {"model": model, "x": x, "y": y, "fm": fm, "ggn": ggn}
+    return {"model": model, "x": x, "y": y, "fm": fm, "ggn": exact_ggn(fm, x)}
 
 
 def block_indices(fm: FunctionalModel, layer) -> np.ndarray:
@@ -159,20 +162,44 @@ def _fit(model: nn.Module, problem, **kwargs) -> KroneckerCurvature:
                                                             batch_size=16, progress=False)
 
 
-def mlp() -> nn.Module:
+def test_ekfac_of_linear_layers_is_the_exact_ggn_diagonal_in_its_basis(problem):
+    """The linear-layer paths (one position per example) against the dense GGN, as the convolutional ones are
+    above: a Linear → Tanh → Linear network with biases."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(72, 9), nn.Tanh(), nn.Linear(9, 3))
+    fm = FunctionalModel(nn.Sequential(nn.Flatten(), nn.Linear(72, 9), nn.Tanh(), nn.Linear(9, 3)).double().eval(), "all")
+    ggn = exact_ggn(fm, problem["x"])
+    kc = KroneckerCurvature(fm, Objective()).fit(TensorSource(problem["x"], problem["y"]), np.arange(40), batch_size=16,
+                                                 progress=False)
+    assert [layer.module for layer in kc.layers] == ["1", "3"] and not kc.diagonal
+    for layer in kc.layers:
+        idx = block_indices(fm, layer)
+        Q = torch.kron(layer.QS, layer.QA)
+        exact = torch.diagonal(Q.T @ ggn[np.ix_(idx, idx)] @ Q).reshape(layer.eig.shape)
+        assert torch.allclose(layer.eig, exact, atol=1e-12), layer.module
 
 
-@pytest.mark.parametrize("make", [ConvNet, lambda: ViewNet(channels=2, size=6, classes=3), mlp], ids=["convnet", "view-after-conv", "mlp"])
-def test_kronecker_fit_is_layout_and_path_free(problem, make, monkeypatch):
-    """The fit's channels-last passes (and their fallback when the model's code needs the default layout), the
-    per-cotangent backward passes of a convolutional model and the batched one of a linear model give the factors
-    and EK-FAC eigenvalues that the default layout gives; and torch's eigendecomposition failing (as it does on some
-    large rank-deficient factors) changes nothing: the LAPACK fallback gives the same decomposition."""
-    got = _fit(make(), problem)
+def _fit(model: nn.Module, problem) -> KroneckerCurvature:
+    fm = FunctionalModel(model.double().eval(), "all")
+    return KroneckerCurvature(fm, Objective()).fit(TensorSource(problem["x"], problem["y"]), np.arange(40),
+                                                  batch_size=16, progress=False)
+
+
+@pytest.mark.parametrize("make, layouts", [(ConvNet, [True] * 3), (lambda: ViewNet(channels=2, size=6, classes=3),
+                                                                   [True] + [False] * 3)],
+                         ids=["convnet", "view-after-conv"])
+def test_kronecker_fit_is_layout_free(problem, make, layouts, monkeypatch):
+    """The fit's channels-last passes (and their fallback when the model's code needs the default layout: the
+    first forward pass raises and is repeated) give the factors and EK-FAC eigenvalues that the default layout
+    gives; and torch's eigendecomposition failing (as it does on some large rank-deficient factors) changes
+    nothing: the LAPACK fallback gives the same decomposition."""
     import trainfluence.kfac as kfac_module
 
+    used: list[bool] = []  # the layout of every forward pass of the K-FAC pass (3 batches; EK-FAC's follow)
+    forward = kfac_module.KroneckerCurvature._forward
+    monkeypatch.setattr(kfac_module.KroneckerCurvature, "_forward",
+                        lambda self, x, layout, hooked: (used.append(bool(layout)), forward(self, x, layout, hooked))[1])
+    got = _fit(make(), problem)
+    assert used[: len(layouts)] == layouts
     monkeypatch.setattr(kfac_module, "channels_last_params", lambda fm, has_conv: {})
     want = _fit(make(), problem)
     for a, b in zip(got.layers, want.layers):
@@ -184,10 +211,10 @@ def test_kronecker_fit_is_layout_and_path_free(problem, make, monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "eigh", fails)
     robust = _fit(make(), problem)
+    ones = torch.ones(1, robust.fm.dim, dtype=torch.float64)
     for a, b in zip(robust.layers, want.layers):
         torch.testing.assert_close(a.eig, b.eig, rtol=0, atol=1e-12)
-        torch.testing.assert_close(robust.solve(torch.ones(1, robust.fm.dim, dtype=torch.float64), 0.1),
-                                   want.solve(torch.ones(1, want.fm.dim, dtype=torch.float64), 0.1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(robust.solve(ones, 0.1), want.solve(ones, 0.1), rtol=1e-9, atol=1e-12)
 
 
 def test_ekfac_solver_and_damping_auto(problem, tmp_path):

@@ -130,8 +130,7 @@ class FactoredProjector:
                 w_in = self.P_in[layer.module][:, : layer.d_in - int(layer.bias is not None)]
                 kernel = w_in.reshape(len(w_in), -1, *layer.conv["kernel_size"])
                 self._kernels[layer.module] = kernel.contiguous(memory_format=torch.channels_last)
-        self._cl_params = channels_last_params(fm, bool(self._kernels))
-        self.channels_last = bool(self._cl_params)
+        self._cl_params = channels_last_params(fm, bool(self._kernels))  # emptied if the model refuses the layout
         if self.vmapped:
             fixed = {n: p for n, p in fm.params.items() if n not in self.vmapped}
 
@@ -140,6 +139,11 @@ class FactoredProjector:
                 return objective.loss(out, yi.unsqueeze(0)).squeeze(0)
 
             self._per_example_others = vmap(grad(loss), in_dims=(None, 0, 0))
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the hooked pass runs channels-last (:func:`~trainfluence.kfac.channels_last_params`)."""
+        return bool(self._cl_params)
 
     @staticmethod
     def variance_factor(layer: FactoredLayer) -> float:
@@ -241,8 +245,7 @@ class FactoredProjector:
         hooked = [layer.module for layer in self.layers] + list(self.norms)
         handles = [modules[name].register_forward_hook(hook_for(name)) for name in hooked]
         needs_graph = {L.weight for L in self.layers} | {pair[0] for pair in self.norms.values()}
-        source = fm.params | self._cl_params if channels_last else fm.params
-        params = {n: p.detach().requires_grad_(n in needs_graph) for n, p in source.items()}
+        params = {n: p.detach().requires_grad_(n in needs_graph) for n, p in (fm.params | self._cl_params).items()}
         try:
             with torch.enable_grad():
                 logits = self.objective.outputs(lambda inp: fm(params, inp), x)
@@ -269,7 +272,7 @@ class FactoredProjector:
             except RuntimeError:  # model code that needs default-layout activations, e.g. ``x.view(len(x), -1)``
                 if not self.channels_last:
                     raise
-                self.channels_last, self._cl_params = False, {}  # this model runs in the default layout from now on
+                self._cl_params = {}  # this model runs in the default layout from now on
                 continue
             if not changed:
                 break

@@ -223,6 +223,9 @@ class KroneckerCurvature:
         # BatchNorm γ, β whose per-example gradients come from the same backward passes (:func:`norm_gradients`);
         # any other parameter outside the Kronecker blocks takes the per-example vmap path (:meth:`_diagonal_pass`)
         self.norms = hooked_norms(self.fm)
+        by_hook = {n for pair in self.norms.values() for n in pair}
+        self._vmapped = [n for n in self.diagonal if n not in by_hook]
+        self._modules = dict(self.fm.module.named_modules())
 
     # ---- estimation ----------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, layout: dict[str, torch.Tensor], hooked: list[str]):
@@ -230,7 +233,6 @@ class KroneckerCurvature:
         (channels-last weights from :func:`channels_last_params`) the pass runs channels-last."""
         inputs: dict[str, torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
-        modules = dict(self.fm.module.named_modules())
         relayout = {layer.module for layer in self.layers if layer.conv is not None} if layout else set()
 
         def hook_for(name: str):
@@ -242,7 +244,7 @@ class KroneckerCurvature:
                 return out.clone(memory_format=fmt)  # what follows (an in-place ReLU) must not change the recording
             return hook
 
-        handles = [modules[name].register_forward_hook(hook_for(name)) for name in hooked]
+        handles = [self._modules[name].register_forward_hook(hook_for(name)) for name in hooked]
         params = {n: p.detach().requires_grad_(True) for n, p in (self.fm.params | layout).items()}
         try:
             with torch.enable_grad():
@@ -253,18 +255,21 @@ class KroneckerCurvature:
         return logits, inputs, outputs
 
     def _passes(self, source: ExampleSource, batches: list[np.ndarray], desc: str, progress: bool, norms: bool = False):
-        """For every batch: (x, logits, hooked modules' inputs, a generator of each output cotangent's gradients at
-        the layers' outputs, then (``norms``) at the hooked BatchNorms' outputs — one backward pass per u_c of :meth:`~trainfluence.objective.Objective.output_hessian_factors`;
-        for a model without convolutions one pass batched over them).  Measured on the default CNN, 512 MNIST images
-        (2 cores): the per-cotangent passes, channels-last, fit EK-FAC in 6.6–7.1 s against 10.4–10.5 s batched
-        (vmap's batching rule for a convolution's backward runs one backward per cotangent and concatenates them);
-        on the MLP, 2,048 images, batched is faster (0.42–0.46 s against 0.54–0.59 s per cotangent).
+        """For every batch: (x, its output cotangents u_c [K − 1, B, K] from
+        :meth:`~trainfluence.objective.Objective.output_hessian_factors`, the hooked modules' inputs, and a generator
+        of one backward pass per u_c: the gradients at the layers' outputs, then (``norms``) at the hooked
+        BatchNorms' outputs).
+
+        One backward pass per cotangent rather than one batched over them (vmap): vmap's batching rule for a
+        convolution's backward runs one backward per cotangent anyway and concatenates the results.  Measured by
+        hand on the default CNN, 512 MNIST images (2 cores): the EK-FAC fit in 6.6–7.1 s per cotangent and
+        channels-last against 10.4–10.5 s batched; on the MLP (5,000 images, no convolution) the two were not told
+        apart (1.00–1.39 s against 0.95–1.19 s over 8 fits each).
 
         Channels-last on the CPU (:func:`channels_last_params`); a model whose code needs the default layout
         (``x.view(len(x), -1)`` after a convolution) raises in that pass, and the fit goes back to the default
         layout for good (plain autograd, so the retry is safe)."""
-        has_conv = any(layer.conv is not None for layer in self.layers)
-        layout = channels_last_params(self.fm, has_conv)
+        layout = channels_last_params(self.fm, any(layer.conv is not None for layer in self.layers))
         hooked = [layer.module for layer in self.layers] + (list(self.norms) if norms else [])
         for sel in bar(batches, desc=desc, unit="batch", disable=not progress):
             x, _ = source.tensors(sel)
@@ -278,27 +283,20 @@ class KroneckerCurvature:
                         raise
                     layout = {}
             targets = [outputs[name] for name in hooked]
-            factors = self.objective.output_hessian_factors(logits.detach()) if targets else logits.new_zeros(0)
+            factors = self.objective.output_hessian_factors(logits.detach())
 
             def deltas(factors=factors, logits=logits, targets=targets):
-                if not has_conv:  # one backward pass batched over the cotangents (vmap) is cheaper for linear layers
-                    grads = torch.autograd.grad(logits, targets, grad_outputs=factors, is_grads_batched=True) if len(factors) else []
-                    for c in range(len(factors)):
-                        yield [g[c] for g in grads]
-                    return
-                for c, u in enumerate(factors):  # vmap's rule for a convolution's backward loops and copies anyway
+                for c, u in enumerate(factors if targets else []):
                     yield torch.autograd.grad(logits, targets, grad_outputs=u, retain_graph=c < len(factors) - 1)
 
-            yield x, logits, inputs, deltas()
+            yield x, factors, inputs, deltas()
 
-    def _diagonal_pass(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+    def _diagonal_pass(self, x: torch.Tensor, factors: torch.Tensor) -> None:
         """Σᵢ E_y[gᵢ²] for the parameters outside Kronecker blocks and hooked BatchNorms (per-example gradients of
-        the pseudo-losses)."""
-        by_hook = {n for pair in self.norms.values() for n in pair}
-        names = [n for n in self.diagonal if n not in by_hook]
+        the pseudo-losses with the batch's output cotangents ``factors``)."""
+        names = self._vmapped
         if not names:
             return
-        factors = self.objective.output_hessian_factors(logits.detach())
         fixed = {n: p for n, p in self.fm.params.items() if n not in self.diagonal}
 
         def pseudo(own: dict[str, torch.Tensor], xi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
@@ -318,8 +316,7 @@ class KroneckerCurvature:
         # products in the model's dtype, sums of batches in float64
         A = {layer.module: 0.0 for layer in self.layers}
         S = {layer.module: 0.0 for layer in self.layers}
-        modules = dict(self.fm.module.named_modules())
-        for x, logits, inputs, deltas in self._passes(source, batches, "kronecker factors", progress, norms=True):
+        for x, factors, inputs, deltas in self._passes(source, batches, "kronecker factors", progress, norms=True):
             for layer in self.layers:
                 a, count = layer.input_sums(inputs[layer.module])
                 A[layer.module] += a.double()
@@ -328,9 +325,9 @@ class KroneckerCurvature:
                 for layer, d in zip(self.layers, grads):
                     S[layer.module] += layer.output_sums(d).double()
                 for (name, pair), d in zip(self.norms.items(), grads[len(self.layers):]):
-                    for n, g in zip(pair, norm_gradients(modules[name], inputs[name], d)):
+                    for n, g in zip(pair, norm_gradients(self._modules[name], inputs[name], d)):
                         self.diagonal[n] += g.double().pow(2).sum(0).cpu()
-            self._diagonal_pass(x, logits)
+            self._diagonal_pass(x, factors)
         self.examples = len(indices)
         for layer in self.layers:
             count = positions[layer.module]
@@ -363,7 +360,7 @@ class KroneckerCurvature:
         # in each layer's dtype (its products run in it; the sums in float64), converted once for the whole pass
         bases = [tuple(Q.to(self.fm.device, self.fm.params[layer.weight].dtype) for Q in (layer.QA, layer.QS))
                  for layer in self.layers]
-        for _x, _logits, inputs, deltas in self._passes(source, batches, "ek-fac eigenvalues", progress):
+        for _x, _factors, inputs, deltas in self._passes(source, batches, "ek-fac eigenvalues", progress):
             rotated = [layer.rotated_inputs(inputs[layer.module], QA) for layer, (QA, _) in zip(self.layers, bases)]
             batch = [0.0] * len(self.layers)
             for grads in deltas:
