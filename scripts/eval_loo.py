@@ -54,7 +54,8 @@ def set_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
 
 def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, solver: str, solver_settings: dict,
                    tests: int, top: int, work: Path, label: str, refit_args: dict, curvature: str = "ggn",
-                   references: tuple[str, ...] = ("loo",), pbrf_fraction: float = 1.0) -> dict[str, dict]:
+                   references: tuple[str, ...] = ("loo",), pbrf_fraction: float = 1.0,
+                   keep: Path | None = None) -> dict[str, dict]:
     """Influence of every training image on a few test points, then each reference's actual change for the top
     removals: {reference: figures}, the same influence scored against each."""
     engine = InfluenceEngine(model, train_set, solver=solver, damping=damping, weight_decay=wd, params="all",
@@ -70,6 +71,11 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, 
     print(f"{label}: s_test for {len(chosen)} test points, {s_test_s:.1f} s each", flush=True)
     tops = [np.argsort(-np.abs(row))[:top] for row in infl]
     removed = np.unique(np.concatenate(tops))  # every removal is retrained once and serves all test points
+    t0 = time.perf_counter()
+    newton, leverage = engine.removal_effect((x[chosen], y[chosen]), removed)  # [tests, removed]
+    newton_s = time.perf_counter() - t0
+    print(f"{label}: Newton-step removal effects of {len(removed)} images in {newton_s:.1f} s; leverage "
+          f"{leverage.min():.3f}–{leverage.max():.3f}", flush=True)
     out = {}
     for reference in references:
         t1 = time.perf_counter()
@@ -83,16 +89,24 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, 
             actual_all = leave_one_out(fm, obj, train_set, (x[chosen], y[chosen]), removed, progress=done, **refit_args)
             retrainings = len(removed) + 1  # and the baseline
         retrain_s = (time.perf_counter() - t1) / retrainings
-        pred_all, act_all, per_point = [], [], []
+        if keep is not None:  # the raw figures, for analyses beyond this table
+            np.savez(keep / f"{label.split()[0].lower()}_{reference}.npz", chosen=np.array(chosen), infl=infl,
+                     removed=removed, actual=actual_all, n=engine.n, damping=engine.damping)
+        pred_all, newton_all, act_all, per_point = [], [], [], []
         for row, (t, idx) in enumerate(zip(chosen, tops)):
             predicted = -infl[row][idx] / engine.n
-            actual = actual_all[np.searchsorted(removed, idx), row]
+            cols = np.searchsorted(removed, idx)
+            actual, stepped = actual_all[cols, row], newton[row, cols]
             per_point.append({"test_index": int(t), "test_loss": float(losses[t]),
-                              "pearson": float(pearsonr(predicted, actual)[0]), "spearman": float(spearmanr(predicted, actual)[0])})
+                              "pearson": float(pearsonr(predicted, actual)[0]), "spearman": float(spearmanr(predicted, actual)[0]),
+                              "newton_pearson": float(pearsonr(stepped, actual)[0]),
+                              "newton_spearman": float(spearmanr(stepped, actual)[0])})
             pred_all += predicted.tolist()
+            newton_all += stepped.tolist()
             act_all += actual.tolist()
-            print(f"{label} ({reference}): test point {t}: Pearson {per_point[-1]['pearson']:.3f}", flush=True)
-        pred_all, act_all = np.array(pred_all), np.array(act_all)
+            print(f"{label} ({reference}): test point {t}: Pearson {per_point[-1]['pearson']:.3f}, Newton step "
+                  f"{per_point[-1]['newton_pearson']:.3f}", flush=True)
+        pred_all, newton_all, act_all = np.array(pred_all), np.array(newton_all), np.array(act_all)
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(act_all, pred_all, s=8)
         lim = max(np.abs(pred_all).max(), np.abs(act_all).max()) * 1.1
@@ -105,6 +119,9 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, 
         out[reference] = {
             "pearson": float(pearsonr(pred_all, act_all)[0]), "spearman": float(spearmanr(pred_all, act_all)[0]),
             "slope": float(act_all @ pred_all / (pred_all @ pred_all)), "points": per_point, "s_test_s": s_test_s,
+            "newton": {"pearson": float(pearsonr(newton_all, act_all)[0]), "spearman": float(spearmanr(newton_all, act_all)[0]),
+                       "slope": float(act_all @ newton_all / (newton_all @ newton_all)), "seconds": newton_s,
+                       "leverage": [float(leverage.min()), float(leverage.max())]},
             "retrain_s": retrain_s, "retrainings": retrainings, "refit": refit_args, "reference": reference,
             "fraction": pbrf_fraction if reference == "pbrf" else 1.0,
             "n": engine.n, "params": engine.fm.dim, "solver": solver, "solver_settings": solver_settings,
@@ -137,16 +154,20 @@ def part_cnn(args, work: Path) -> dict[str, dict]:
     t0 = time.perf_counter()
     set_params(model, refit(fm, objective, train_set, max_iter=args.cnn_refine))
     refine_s = time.perf_counter() - t0
+    if args.keep:
+        torch.save(model.state_dict(), Path(args.keep) / "cnn_refined.pt")
     fm = FunctionalModel(model, "all")
     x, y = train_set.tensors()
     params = {k: v.detach().clone().requires_grad_(True) for k, v in fm.params.items()}
     objective_value(fm, objective, params, x, y).backward()
     grad_norm = float(torch.cat([p.grad.flatten() for p in params.values()]).norm())
     print(f"CNN refined by {args.cnn_refine} L-BFGS iterations in {refine_s:.0f} s; gradient norm {grad_norm:.2e}", flush=True)
-    got = loo_experiment(model, train_set, test_set, args.cnn_wd, args.cnn_damping, "cg",
-                         {"rtol": 1e-6, "maxiter": args.cnn_cg_maxiter}, args.tests, args.top, work,
+    solver_settings = {"rtol": 1e-6, "maxiter": args.cnn_cg_maxiter} if args.cnn_solver == "cg" else {}
+    got = loo_experiment(model, train_set, test_set, args.cnn_wd, args.cnn_damping, args.cnn_solver,
+                         solver_settings, args.tests, args.top, work,
                          "Default CNN (MNIST subset)", {"max_iter": args.cnn_refit}, curvature=args.cnn_curvature,
-                         references=tuple(args.reference), pbrf_fraction=args.pbrf_fraction)
+                         references=tuple(args.reference), pbrf_fraction=args.pbrf_fraction,
+                         keep=Path(args.keep) if args.keep else None)
     out = {}
     for reference, r in got.items():
         r.update(refine_s=refine_s, refine_iterations=args.cnn_refine, gradient_norm=grad_norm, epochs=args.cnn_epochs)
@@ -172,6 +193,8 @@ def main() -> None:
     ap.add_argument("--cnn-curvature", default="ggn", choices=["ggn", "hessian"])
     ap.add_argument("--cnn-refine", type=int, default=300, help="L-BFGS iterations before influence (not to a stationary point)")
     ap.add_argument("--cnn-refit", type=int, default=100, help="L-BFGS iterations of each retraining (and of the baseline)")
+    ap.add_argument("--cnn-solver", default="exact", choices=["exact", "cg"],
+                    help="exact: in the span of the 100 images' Gauss–Newton factors (needs --cnn-curvature ggn)")
     ap.add_argument("--cnn-cg-maxiter", type=int, default=300)
     ap.add_argument("--reference", nargs="+", default=["loo"], choices=["loo", "pbrf"],
                     help="the CNN's ground truth: leave-one-out retraining, and/or the proximal Bregman response")
@@ -179,6 +202,7 @@ def main() -> None:
                     help="the share of each image the proximal response removes (its change divided by it): below 1 it "
                          "measures the derivative that influence predicts, free of the removal's higher-order terms")
     ap.add_argument("--json", default="runs/eval_loo.json")
+    ap.add_argument("--keep", default=None, help="a folder for the raw arrays (influence, actual changes, refined model)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_loo_"))
     out_path = Path(args.json)
@@ -223,7 +247,12 @@ def render(r: dict) -> str:
                      f"curvature {e.get('curvature', 'hessian')}, damping {e['damping']}, solver {e['solver']} {e['solver_settings']}; top {e['top']} training images by "
                      f"|influence| for each of {len(e['points'])} test points, {how}. "
                      f"**Pearson {e['pearson']:.3f}, Spearman {e['spearman']:.3f}** over all "
-                     f"pairs; slope actual/predicted {e['slope']:.2f}; {e['s_test_s']:.1f} s per s_test.")
+                     f"pairs; slope actual/predicted {e['slope']:.2f}; {e['s_test_s']:.1f} s per s_test."
+                     + (f" **The Newton step with each image's leverage** (`InfluenceEngine.removal_effect`, what "
+                        f"`explain` reports as the change if removed): **Pearson {e['newton']['pearson']:.3f}, Spearman "
+                        f"{e['newton']['spearman']:.3f}**, slope {e['newton']['slope']:.2f} (leverage "
+                        f"{e['newton']['leverage'][0]:.3f}–{e['newton']['leverage'][1]:.3f}; {e['newton']['seconds']:.1f} s "
+                        "for all the removed images)." if "newton" in e else ""))
         if "refine_iterations" in e:
             lines.append("")
             lines.append(f"The CNN was trained {e['epochs']} epochs (SGD, wd {e['weight_decay']}), then refined by "
@@ -233,8 +262,11 @@ def render(r: dict) -> str:
                          e.get("curvature") == "ggn" else "its Hessian is indefinite, so damping makes H + λI definite")
                          + ". " + refit_sentence)
         lines.append("")
-        lines.append(table(["test point", "test loss", "Pearson", "Spearman"],
-                           [[p["test_index"], p["test_loss"], p["pearson"], p["spearman"]] for p in e["points"]]))
+        newton = "newton" in e
+        lines.append(table(["test point", "test loss", "Pearson", "Spearman"]
+                           + (["Pearson, Newton step", "Spearman, Newton step"] if newton else []),
+                           [[p["test_index"], p["test_loss"], p["pearson"], p["spearman"]]
+                            + ([p["newton_pearson"], p["newton_spearman"]] if newton else []) for p in e["points"]]))
         lines.append("")
     return "\n".join(lines)
 

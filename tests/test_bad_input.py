@@ -372,6 +372,8 @@ def test_large_top_is_drawn_capped(shapes_run, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "x" / "influence.json").read_text())
     assert len(report["explanations"][0]["helpful"]) == 2000
+    shown = report["explanations"][0]["helpful"] + report["explanations"][0]["harmful"]  # exact solver: Newton steps
+    assert all(0 <= e["leverage"] < 1 and e["predicted_loss_change_if_removed"] is not None for e in shown)
     with Image.open(tmp_path / "x" / "explain-0.png") as im:
         assert im.width * im.height < 4_000_000
 

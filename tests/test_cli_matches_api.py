@@ -37,6 +37,11 @@ def test_cache_then_explain_and_audit_reuse_one_store_and_match_the_api(shapes_r
         assert [e["index"] for e in item["helpful"]] == top.helpful_index[row].tolist()
         assert [e["index"] for e in item["harmful"]] == top.harmful_index[row].tolist()
         np.testing.assert_allclose([e["score"] for e in item["helpful"]], top.helpful_score[row], rtol=1e-5)
+        shown = item["helpful"] + item["harmful"]
+        np.testing.assert_allclose([e["first_order_loss_change"] for e in shown],
+                                   [-e["score"] / 400 for e in shown], rtol=1e-6)
+        assert not any("leverage" in e for e in shown)  # ekfac (the default here): no Newton step, and the report says so
+    assert "ekfac approximates it" in report["newton_step"]
     assert report["settings"] == engine.describe()
 
     assert main(["audit", "--checkpoint", ckpt, *data, *cache, "--score", "self_influence", "loss",

@@ -11,12 +11,15 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 from trainfluence.data.source import TensorSource
+from trainfluence.errors import UserError
 from trainfluence.ensemble import EnsembleEngine
 from trainfluence.hvp import HessianOperator
 from trainfluence.influence import InfluenceEngine
 from trainfluence.kfac import KroneckerCurvature
 from trainfluence.objective import FunctionalModel, Objective
 from trainfluence.settings.influence import DAMPING_AUTO_FRACTION
+from trainfluence.solvers import make_solver
+from trainfluence.solvers.exact import span_rank
 
 from .nets import ViewNet
 
@@ -73,6 +76,24 @@ def test_ggn_product_is_the_gauss_newton_matrix(problem):
     V = torch.randn(5, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     want = V @ (problem["ggn"] + 0.23 * torch.eye(op.dim, dtype=torch.float64))
     assert torch.allclose(op.hvp(V), want, atol=1e-11)
+
+
+def test_exact_solver_in_the_data_span_equals_the_dense_solve(problem):
+    """40 examples × (3 − 1) output factors < p: the exact solver works in the data's span (Gram matrix) and must
+    give the dense (GGN + (wd + λ)I)⁻¹ to float64 rounding, including on vectors outside the span."""
+    fm, x, y = problem["fm"], problem["x"], problem["y"]
+    op = HessianOperator(fm, Objective(0.01), TensorSource(x, y), damping=1e-3, curvature="ggn", batch_size=16)
+    assert span_rank(op) == 80 < fm.dim
+    solver = make_solver("exact")
+    V = torch.randn(5, fm.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = solver.inverse_hvp(op, V)
+    assert solver.complement == pytest.approx(0.011) and solver.report.details["rank"] <= 80
+    want = torch.linalg.solve(problem["ggn"] + 0.011 * torch.eye(fm.dim, dtype=torch.float64), V.T).T
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    quad = solver.quadratic_form(op, V)
+    torch.testing.assert_close(quad, (V * want).sum(1), rtol=1e-9, atol=1e-12)
+    with pytest.raises(UserError, match="singular"):
+        make_solver("exact").inverse_hvp(HessianOperator(fm, Objective(0.0), TensorSource(x, y), 0.0, curvature="ggn"), V)
 
 
 def test_ggn_equals_the_hessian_for_a_linear_model():

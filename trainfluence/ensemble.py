@@ -97,6 +97,11 @@ class EnsembleEngine:
     def self_influence(self, indices: Any = None, **kwargs: Any) -> np.ndarray:
         return np.mean([m.self_influence(indices, **kwargs) for m in self.members], axis=0)
 
+    def removal_effect(self, test: Any, train_indices: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The members' Newton-step removal effects and leverages, averaged."""
+        got = [m.removal_effect(test, train_indices) for m in self.members]
+        return np.mean([c for c, _ in got], axis=0), np.mean([lev for _, lev in got], axis=0)
+
     def s_test(self, test: Any) -> torch.Tensor:
         raise UserError("pixel influence (--pixels) needs one model: it is not defined for an ensemble")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad, vjp, vmap
 
 from .objective import FunctionalModel, Objective, Params
 
@@ -39,6 +39,31 @@ def per_example_fn(fm: FunctionalModel, objective: Objective) -> Callable[[Param
         return loss, (loss.detach(), out.squeeze(0).detach())
 
     return vmap(grad(one, has_aux=True), in_dims=(None, 0, 0))
+
+
+def output_factor_gradients(fm: FunctionalModel, objective: Objective, x: torch.Tensor,
+                            memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """[B, K − 1, p]: for each example the rows Jᵢᵀu_c, u_c the factors of its output Hessian
+    (:meth:`~trainfluence.objective.Objective.output_hessian_factors`), so that Σ_c (Jᵢᵀu_c)(Jᵢᵀu_c)ᵀ = JᵢᵀH_f,iJᵢ,
+    the example's Gauss–Newton matrix.  ``vmap`` over examples of one forward and K − 1 backward passes, in
+    memory-bounded slices."""
+    theta = fm.flat_params()
+    x = x.to(fm.device)
+    if x.is_floating_point():
+        x = x.to(fm.dtype)
+    if not len(x):
+        return torch.zeros(0, 0, fm.dim, dtype=fm.dtype, device=fm.device)
+    with torch.no_grad():
+        factors = objective.output_hessian_factors(objective.outputs(lambda inp: fm(fm.params, inp), x))  # [K−1, B, K]
+
+    def one(xi: torch.Tensor, fi: torch.Tensor) -> torch.Tensor:
+        _, pull = vjp(lambda th: objective.outputs(lambda inp: fm(fm.unflatten(th), inp), xi.unsqueeze(0)), theta)
+        return vmap(lambda c: pull(c.unsqueeze(0))[0])(fi)
+
+    step = max(1, vmap_batch_size(fm, x[0], memory_budget) // max(1, len(factors)))
+    per_example = factors.transpose(0, 1)  # [B, K − 1, K]
+    with torch.no_grad():
+        return torch.cat([vmap(one)(x[i : i + step], per_example[i : i + step]) for i in range(0, len(x), step)])
 
 
 def activation_numel(fm: FunctionalModel, example: torch.Tensor, *, downstream_only: bool = False) -> int:

@@ -6,7 +6,8 @@ Definitions (model in eval mode, selected parameters θ, checkpoint θ̂):
     s_test = H⁻¹ ∇ℓ(z_test)
     I_up,loss(z, z_test) = −∇ℓ(z_test)ᵀ H⁻¹ ∇ℓ(z) = −⟨s_test, ∇ℓ(z)⟩
         positive: upweighting z raises the test loss (harmful); negative: helpful.
-        Removing z changes the test loss by about −I_up,loss(z, z_test) / n.
+        Removing z changes the test loss by about −I_up,loss(z, z_test) / n (first order; removal_effect adds the
+        Newton step with z's own curvature taken out, trainfluence.removal).
     I_up,params(z) = −H⁻¹ ∇ℓ(z)                      (dθ̂/dε when z's weight grows by ε)
     I_pert,loss(z, z_test) = −∇ℓ(z_test)ᵀ H⁻¹ ∇ₓ∇_θ ℓ(z) = −∇ₓ ⟨s_test, ∇_θ ℓ(z)⟩, a map over z's pixels:
         moving z's image by δ changes the test loss by about ⟨I_pert,loss, δ⟩ / n.
@@ -43,6 +44,7 @@ from .gradients import GradientComputer
 from .hvp import HessianOperator
 from .objective import FunctionalModel, Objective
 from .progress import bar, warn
+from .removal import newton_removal
 from .search import GradientIndex
 from .settings import to_dict, validate
 from .settings.influence import (DAMPING_AUTO_FRACTION, EXACT_AUTO_MAX_PARAMS, InfluenceSettings, KroneckerSettings,
@@ -313,6 +315,12 @@ class InfluenceEngine:
         found = self.index(search).search(q, top)
         # influence = −⟨q, g⟩: largest inner products are the most helpful, smallest the most harmful
         return InfluenceTopK(found.largest_index, -found.largest_score, found.smallest_index, -found.smallest_score)
+
+    def removal_effect(self, test: Any, train_indices: Any, *, s_test: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted change of each test loss if each given training example were removed — one Newton step with the
+        example's own curvature taken out, not only the first-order −I_up,loss/n — and each example's leverage:
+        ``(change [n_test, m], leverage [m])`` (:mod:`trainfluence.removal`)."""
+        return newton_removal(self, test, train_indices, s_test=s_test)
 
     def params_influence(self, train_indices: Any) -> torch.Tensor:
         """I_up,params(z) = −H⁻¹∇ℓ(z) for the given training examples, [m, p]."""
