@@ -15,7 +15,8 @@ Mᵢ/n is the example's leverage: how much of the curvature in its own direction
 Gauss–Newton curvature and zᵢ among the examples C is estimated from, A − UᵢUᵢᵀ/n ⪰ (wd + λ)I, so every
 eigenvalue of Mᵢ/n is below 1 and the step exists.  A memorised image (leverage near 1) moves the model far more
 than the first-order term says; for an image the model barely depends on the two agree.  The cost is K solves
-per image (A⁻¹ of Uᵢ's K − 1 columns and of gᵢ), so it is computed for the images a user is shown, not for all n.
+per image (A⁻¹ of Uᵢ's K − 1 columns and of gᵢ), so it is computed for the images a user is shown, not for all n
+(by ``explain`` with the exact solver; with an iterative one those are K iterative solves per image).
 
 It needs A itself solved: ``exact``, ``cg`` or ``lissa`` (:data:`NEWTON_SOLVERS`).  A Kronecker-factored or
 low-rank approximation does not bound an image's own curvature: on the shapes CNN (400 images, EK-FAC, damping
