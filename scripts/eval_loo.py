@@ -40,6 +40,7 @@ from trainfluence.data import DataConfig, load_dataset  # noqa: E402
 from trainfluence.influence import InfluenceEngine  # noqa: E402
 from trainfluence.report.figures import plt, save_figure  # noqa: E402
 from trainfluence.models import build_model  # noqa: E402
+from trainfluence.removal import DIRECT_SOLVERS  # noqa: E402
 from trainfluence.objective import FunctionalModel, Objective  # noqa: E402
 from trainfluence.train import TrainConfig, train  # noqa: E402
 from trainfluence.validation import example_losses, leave_one_out, objective_value, proximal_response, refit  # noqa: E402
@@ -50,6 +51,14 @@ def set_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
         for name, p in model.named_parameters():
             if name in params:
                 p.copy_(params[name])
+
+
+def agreement(predicted: np.ndarray, actual: np.ndarray, slope: bool = True) -> dict[str, float]:
+    """Pearson and Spearman of predicted against actual changes, and the least-squares slope actual/predicted."""
+    out = {"pearson": float(pearsonr(predicted, actual)[0]), "spearman": float(spearmanr(predicted, actual)[0])}
+    if slope:
+        out["slope"] = float(actual @ predicted / (predicted @ predicted))
+    return out
 
 
 def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, solver: str, solver_settings: dict,
@@ -71,11 +80,13 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, 
     print(f"{label}: s_test for {len(chosen)} test points, {s_test_s:.1f} s each", flush=True)
     tops = [np.argsort(-np.abs(row))[:top] for row in infl]
     removed = np.unique(np.concatenate(tops))  # every removal is retrained once and serves all test points
-    t0 = time.perf_counter()
-    newton, leverage = engine.removal_effect((x[chosen], y[chosen]), removed)  # [tests, removed]
-    newton_s = time.perf_counter() - t0
-    print(f"{label}: Newton-step removal effects of {len(removed)} images in {newton_s:.1f} s; leverage "
-          f"{leverage.min():.3f}–{leverage.max():.3f}", flush=True)
+    newton = None  # the Newton step only where it is cheap (with CG it is K solves per removed image)
+    if engine.solver.name in DIRECT_SOLVERS:
+        t0 = time.perf_counter()
+        newton, leverage = engine.removal_effect((x[chosen], y[chosen]), removed)  # [tests, removed]
+        newton_s = time.perf_counter() - t0
+        print(f"{label}: Newton-step removal effects of {len(removed)} images in {newton_s:.1f} s; leverage "
+              f"{leverage.min():.3f}–{leverage.max():.3f}", flush=True)
     out = {}
     for reference in references:
         t1 = time.perf_counter()
@@ -96,17 +107,17 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, 
         for row, (t, idx) in enumerate(zip(chosen, tops)):
             predicted = -infl[row][idx] / engine.n
             cols = np.searchsorted(removed, idx)
-            actual, stepped = actual_all[cols, row], newton[row, cols]
-            per_point.append({"test_index": int(t), "test_loss": float(losses[t]),
-                              "pearson": float(pearsonr(predicted, actual)[0]), "spearman": float(spearmanr(predicted, actual)[0]),
-                              "newton_pearson": float(pearsonr(stepped, actual)[0]),
-                              "newton_spearman": float(spearmanr(stepped, actual)[0])})
+            actual = actual_all[cols, row]
+            point = {"test_index": int(t), "test_loss": float(losses[t]), **agreement(predicted, actual, slope=False)}
+            if newton is not None:
+                point.update({f"newton_{k}": v for k, v in agreement(newton[row, cols], actual, slope=False).items()})
+                newton_all += newton[row, cols].tolist()
+            per_point.append(point)
             pred_all += predicted.tolist()
-            newton_all += stepped.tolist()
             act_all += actual.tolist()
-            print(f"{label} ({reference}): test point {t}: Pearson {per_point[-1]['pearson']:.3f}, Newton step "
-                  f"{per_point[-1]['newton_pearson']:.3f}", flush=True)
-        pred_all, newton_all, act_all = np.array(pred_all), np.array(newton_all), np.array(act_all)
+            print(f"{label} ({reference}): test point {t}: Pearson {point['pearson']:.3f}"
+                  + (f", Newton step {point['newton_pearson']:.3f}" if newton is not None else ""), flush=True)
+        pred_all, act_all = np.array(pred_all), np.array(act_all)
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(act_all, pred_all, s=8)
         lim = max(np.abs(pred_all).max(), np.abs(act_all).max()) * 1.1
@@ -117,11 +128,9 @@ def loo_experiment(model, train_set, test_set, wd: float, damping: float | str, 
         fig.tight_layout()
         save_figure(fig, Path("runs") / f"loo_{label.split()[0].lower()}{'' if reference == 'loo' else '_' + reference}.png")
         out[reference] = {
-            "pearson": float(pearsonr(pred_all, act_all)[0]), "spearman": float(spearmanr(pred_all, act_all)[0]),
-            "slope": float(act_all @ pred_all / (pred_all @ pred_all)), "points": per_point, "s_test_s": s_test_s,
-            "newton": {"pearson": float(pearsonr(newton_all, act_all)[0]), "spearman": float(spearmanr(newton_all, act_all)[0]),
-                       "slope": float(act_all @ newton_all / (newton_all @ newton_all)), "seconds": newton_s,
-                       "leverage": [float(leverage.min()), float(leverage.max())]},
+            **agreement(pred_all, act_all), "points": per_point, "s_test_s": s_test_s,
+            **({"newton": {**agreement(np.array(newton_all), act_all), "seconds": newton_s,
+                           "leverage": [float(leverage.min()), float(leverage.max())]}} if newton is not None else {}),
             "retrain_s": retrain_s, "retrainings": retrainings, "refit": refit_args, "reference": reference,
             "fraction": pbrf_fraction if reference == "pbrf" else 1.0,
             "n": engine.n, "params": engine.fm.dim, "solver": solver, "solver_settings": solver_settings,

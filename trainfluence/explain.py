@@ -17,7 +17,7 @@ import numpy as np
 from .data import ImageDataset
 from .ensemble import EnsembleEngine
 from .influence import InfluenceEngine
-from .removal import newton_unsupported
+from .removal import DIRECT_SOLVERS, newton_unsupported
 from .report import html
 from .files import write_json
 from .audit.review import mark_text
@@ -71,7 +71,7 @@ def explain(engine: InfluenceEngine | EnsembleEngine, train: ImageDataset, test:
     timings["s_test_and_search_s"] = time.perf_counter() - t0
     probs = engine.predict_proba(x)
     solver = engine.first.solver.name if isinstance(engine, EnsembleEngine) else engine.solver.name
-    newton_note = newton_unsupported(solver) or ("" if solver == "exact" else
+    newton_note = newton_unsupported(solver) or ("" if solver in DIRECT_SOLVERS else
                                                  f"the removal's Newton step is computed here only with --solver exact: with "
                                                  f"{solver} it takes K iterative solves per image shown (minutes for logistic "
                                                  "regression on 5,000 MNIST images); InfluenceEngine.removal_effect computes it")

@@ -36,6 +36,7 @@ from .gradients import output_factor_gradients
 
 
 NEWTON_SOLVERS = ("exact", "cg", "lissa")  # solvers of A itself (module docstring)
+DIRECT_SOLVERS = ("exact",)  # where K solves per image cost no more than a product with the stored eigenpairs
 
 
 def newton_unsupported(solver: str) -> str:
