@@ -161,3 +161,26 @@ def test_audit_estimates_the_noise_suggests_labels_and_marks_the_cut(audited, tm
 
     missing = [text for text in flagged if html_lib.escape(text) not in html_page]  # escaped: a class name is text
     assert flagged and not missing, (missing, html_page[-3000:])
+
+
+def test_refused_noise_estimate_end_to_end(capsys, tmp_path):
+    """A model that has not learnt (one epoch at a vanishing learning rate): the audit command says on its line that
+    the noise rate is not estimated and why, and the report shows no cut anywhere — not in the page, not in
+    suspects.csv, not in metrics.json."""
+    run = tmp_path / "run"
+    assert main(["train", "--train-size", "120", "--test-size", "40", "--epochs", "1", "--lr", "1e-9",
+                 "--label-noise", "0.1", "--out", str(run), "--device", "cpu"]) == 0
+    out = tmp_path / "audit"
+    capsys.readouterr()
+    assert main(["audit", "--checkpoint", str(run / "final.pt"), "--label-noise", "0.1", "--top", "8", "--detail", "0",
+                 "--solver", "exact", "--params", "last", "--out", str(out), "--device", "cpu"]) == 0
+    console = capsys.readouterr()
+    said = console.out + console.err
+    assert "noise rate not estimated" in said and "more than half" in said, said[-2000:]
+    report = json.loads((out / "metrics.json").read_text())
+    est = report["noise_estimate"]
+    assert est["rate"] > 0.5 and est["count"] == 0 and "train longer" in est["refusal"]
+    with (out / "suspects.csv").open() as f:
+        assert not any(int(r["within_cut"]) for r in csv.DictReader(f))
+    page = (out / "index.html").read_text()
+    assert "<b>Not estimated</b>" in page and "suggested cut" not in page and "review the top" not in page

@@ -85,3 +85,15 @@ def test_approximate_curvature_is_refused(small, tmp_path):
                              cache_dir=tmp_path)
     with pytest.raises(UserError, match="needs the curvature solved exactly"):
         engine.removal_effect(small["test"], [0, 1])
+
+
+def test_leverage_above_one_under_sampled_curvature_gives_no_step(small, tmp_path):
+    """H from a few sampled examples need not contain an unsampled image's own curvature: its leverage can exceed 1,
+    where the step (nI − Mᵢ)⁻¹ does not exist. That column is NaN (explain then shows no number, only the leverage),
+    never a finite value past the pole."""
+    engine = InfluenceEngine(small["model"], small["train"], solver="exact", damping=0.0, weight_decay=small["wd"],
+                             hessian_samples=3, cache_dir=tmp_path)
+    change, leverage = newton_removal(engine, small["test"], np.arange(engine.n))
+    above = leverage >= 1
+    assert above.any() and (~above).any(), leverage
+    assert np.isnan(change[:, above]).all() and np.isfinite(change[:, ~above]).all()
