@@ -38,6 +38,31 @@ def fingerprint(*parts: Any, length: int | None = 16) -> str:
     return h.hexdigest()[:length] if length else h.hexdigest()
 
 
+class RowsFingerprint:
+    """:func:`fingerprint` of numpy arrays given a block of rows at a time, so an array larger than memory can be
+    hashed as it is written or read: ``begin(dtype, shape)``, ``rows(block)`` … in order, ``end()`` per array,
+    then ``hexdigest()`` — the same digest as ``fingerprint(*arrays, length=None)`` of the whole arrays."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def begin(self, dtype: Any, shape: tuple[int, ...]) -> None:
+        self._h.update(f"{dtype}{tuple(int(d) for d in shape)}".encode())
+
+    def rows(self, block: Any) -> None:
+        self._h.update(memoryview(block).cast("B") if block.flags.c_contiguous else block.tobytes())
+
+    def end(self) -> None:
+        self._h.update(b"\x00")
+
+    def array(self, a: Any) -> None:
+        """A whole (small) array: ``begin``, its rows, ``end``."""
+        _update(self._h, a)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def file_sha256(path: Any, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file's bytes, read in chunks (memory bounded)."""
     h = hashlib.sha256()

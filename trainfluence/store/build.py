@@ -163,36 +163,40 @@ def build_store(
                 break
             start, stop = store.chunk_rows(c)
             x, y = source.tensors(slice(start, stop))
-            grads, loss, pred = _chunk_gradients(x, y, fm, computer, projector, factored, store.manifest["vmap_batch"])
-            where = f"the per-example gradients of {split} examples {start}..{stop - 1}"
-            require_finite(loss, where.replace("gradients", "losses"), FIX_MODEL)
-            require_finite(grads, where, FIX_MODEL)
-            store.write_chunk(c, grads, loss, pred, y.cpu())
+            writer, losses, preds = store.chunk_writer(c), [], []
+            for grads, loss, pred in _batch_gradients(x, y, fm, computer, projector, factored, store.manifest["vmap_batch"]):
+                at = start + sum(len(v) for v in losses)
+                where = f"the per-example gradients of {split} examples {at}..{at + len(loss) - 1}"
+                require_finite(loss, where.replace("gradients", "losses"), FIX_MODEL)
+                require_finite(grads, where, FIX_MODEL)
+                writer.add(grads)  # written as it comes: memory holds a batch, not the chunk
+                losses.append(loss)
+                preds.append(pred)
+                pbar.update(len(loss))
+            writer.finish(torch.cat(losses), torch.cat(preds), y.cpu())
             done_examples += stop - start
-            pbar.update(stop - start)
         pbar.close()
     return BuildReport(store, len(todo), rebuilt, time.perf_counter() - started, done_examples)
 
 
-def _chunk_gradients(x: torch.Tensor, y: torch.Tensor, fm: FunctionalModel, computer: GradientComputer, projector: Any,
-                     factored: bool, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stored rows of one chunk on the CPU: (projected) per-example gradients (float32), losses, predicted classes."""
-    parts, losses, preds = [], [], []
+def _batch_gradients(x: torch.Tensor, y: torch.Tensor, fm: FunctionalModel, computer: GradientComputer, projector: Any,
+                     factored: bool, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Stored rows of one chunk on the CPU, a batch at a time: (projected) per-example gradients (float32),
+    losses, predicted classes."""
     if factored:  # one batched forward/backward per batch, gradients never formed
         for i in range(0, len(y), max(1, batch)):
             flat, loss, logits = projector.per_example(x[i : i + batch], y[i : i + batch])
-            parts.append(flat.cpu())
-            losses.append(loss.cpu())
-            preds.append(logits.argmax(1).cpu())
-    else:
-        with torch.no_grad():
-            for eg in computer.batches(x, y):
-                blocks = [eg.grads[name] for name in fm.names]
-                flat = projector.project_blocks(blocks) if projector else fm.flatten(eg.grads)
-                parts.append(flat.float().cpu())
-                losses.append(eg.loss.cpu())
-                preds.append(eg.pred.cpu())
-    return torch.cat(parts), torch.cat(losses), torch.cat(preds)
+            yield flat.cpu(), loss.cpu(), logits.argmax(1).cpu()
+        return
+    batches = computer.batches(x, y)
+    while True:
+        with torch.no_grad():  # entered per batch: grad mode is not left off in the caller between batches
+            eg = next(batches, None)
+            if eg is None:
+                return
+            blocks = [eg.grads[name] for name in fm.names]
+            flat = (projector.project_blocks(blocks) if projector else fm.flatten(eg.grads)).float().cpu()
+        yield flat, eg.loss.cpu(), eg.pred.cpu()
 
 
 def _open(model: nn.Module, source: ExampleSource, fm: FunctionalModel, objective: Objective, settings: StoreSettings,
