@@ -14,6 +14,7 @@ from torch.func import hessian
 from trainfluence.data import DataConfig, load_dataset
 from trainfluence.data.source import TensorSource
 from trainfluence.errors import UserError
+from trainfluence.gradients import rows_within
 from trainfluence.hvp import HessianOperator
 from trainfluence.influence import InfluenceEngine
 from trainfluence.models import build_model
@@ -166,6 +167,9 @@ def test_self_influence_agrees_across_solvers(synthetic, tmp_path):
     H = exact.operator.dense(progress=False)
     want = (G * torch.linalg.solve(H, G.T).T).sum(1).numpy()
     np.testing.assert_allclose(si, want, rtol=1e-6)
+    # a pass takes as many rows per step as the memory budget holds (4 float32 copies): the same scores in any steps
+    np.testing.assert_allclose(exact.self_influence(chunk=7), si, rtol=1e-12)
+    assert rows_within(11_171_397, 1 << 30) == 6 and rows_within(49_418, 1 << 30) == 1024 and rows_within(10**12) == 1
     arnoldi = InfluenceEngine(synthetic["model"], synthetic["train"], solver="arnoldi", solver_settings={"rank": 33}, **kwargs)
     np.testing.assert_allclose(arnoldi.self_influence(), want, rtol=1e-6)
     cg = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", **kwargs)

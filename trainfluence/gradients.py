@@ -98,6 +98,16 @@ def activation_numel(fm: FunctionalModel, example: torch.Tensor, *, downstream_o
 MAX_VMAP_BATCH = {"cpu": 64, "cuda": 2048}
 
 
+MAX_PASS_ROWS = 1024  # rows per step of a pass over per-example gradients when they are small
+
+
+def rows_within(dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET, copies: int = 4) -> int:
+    """Rows of float32 per-example gradients [m, dim] a pass (self-influence, relabelling) takes per step, so
+    that ``copies`` of them — the rows, a cast, a solver's transforms — fit in ``memory_budget`` bytes: at least
+    1, at most :data:`MAX_PASS_ROWS` (a resnet18's 11.2M-parameter rows: 6 per step at 1 GiB, not 1,024 = 46 GB)."""
+    return max(1, min(MAX_PASS_ROWS, int(memory_budget // (copies * 4 * max(1, dim)))))
+
+
 def vmap_batch_size(fm: FunctionalModel, example: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
     """Examples per vmap call so that gradients (×2 for the copies vmap makes) and activations (×4 for
     forward, backward and saved intermediates) of one call fit in ``memory_budget`` bytes, capped per device."""

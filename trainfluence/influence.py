@@ -40,7 +40,7 @@ from .checks import FIX_MODEL, FIX_SOLVE, require_finite
 from .data.source import ExampleSource, as_source
 from .device import resolve_device
 from .errors import UserError
-from .gradients import GradientComputer
+from .gradients import GradientComputer, rows_within
 from .hvp import HessianOperator
 from .objective import FunctionalModel, Objective
 from .progress import bar, warn
@@ -351,8 +351,9 @@ class InfluenceEngine:
         with torch.no_grad():
             return require_finite(-vmap(one)(x, y), "pixel influence", FIX_SOLVE)
 
-    def self_influence(self, indices: Any = None, *, labels: torch.Tensor | None = None, chunk: int = 1024) -> np.ndarray:
-        """∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) for every training example (or the given ones; ``labels`` replaces their labels).
+    def self_influence(self, indices: Any = None, *, labels: torch.Tensor | None = None, chunk: int | None = None) -> np.ndarray:
+        """∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) for every training example (or the given ones; ``labels`` replaces their labels), ``chunk``
+        examples at a time (default: as many as the memory budget holds, :func:`~trainfluence.gradients.rows_within`).
 
         When the gradient store holds full gradients (no projection) the gradients are read from it in one pass
         over the store, not computed again.  ``exact``, ``arnoldi``, ``ekfac`` and ``kfac`` whiten each gradient
@@ -360,6 +361,7 @@ class InfluenceEngine:
         rows = np.arange(self.n) if indices is None else np.atleast_1d(np.asarray(indices))
         stored = labels is None and self.store is not None and self.store.projection is None and self.store.complete
         out = np.empty(len(rows), dtype=np.float64)
+        chunk = chunk or rows_within(self.fm.dim, self.store_settings.memory_budget)
         for start in bar(range(0, len(rows), chunk), desc=f"self-influence ({self.solver.name})", unit="chunk"):
             sel = rows[start : start + chunk]
             if stored:

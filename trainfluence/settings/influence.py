@@ -32,7 +32,8 @@ class StoreSettings:
     dtype: str | None = option(None, "stored precision: fp16 | fp32; none: fp16 when projected, else fp32",
                                choices=("fp16", "fp32"))
     chunk_size: int = option(1024, "rows per resumable, checksummed chunk", POSITIVE_INT)
-    memory_budget_mb: int = option(1024, "working memory for one vmap batch, MiB", POSITIVE_INT, flag="memory-budget")
+    memory_budget_mb: int = option(1024, "working memory for one vmap batch, or one step of a pass over per-example "
+                                         "gradients (self-influence), MiB", POSITIVE_INT, flag="memory-budget")
 
     @property
     def resolved_dtype(self) -> str:
