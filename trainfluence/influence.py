@@ -283,9 +283,23 @@ class InfluenceEngine:
             if hit is not None:
                 self._record(SolveReport(**hit[1]))
                 return torch.from_numpy(hit[0]).to(self.device)
-        result = self.inverse_hvp(self.gradients(source))
-        if cache is not None:
-            cache.save(source.fingerprint(), result.float().cpu().numpy(), to_dict(self.solver.report))
+        # in steps of as many test points as the memory budget holds (a resnet18's gradients: 6 per GiB; the solve
+        # works on copies of them), the rows filled into one result; the default CNN's 1,024 per step is one step
+        x, y = source.tensors()
+        step = rows_within(self.fm.dim, self.store_settings.memory_budget)
+        result: torch.Tensor | None = None
+        reports = []
+        for a in range(0, max(len(y), 1), step):
+            part = self.inverse_hvp(self.gradients((x[a : a + step], y[a : a + step])))
+            if result is None:
+                result = part if len(part) == len(y) else part.new_empty((len(y), part.shape[1]))
+            if result is not part:
+                result[a : a + len(part)] = part
+            reports.append(self.solver.report)
+        assert result is not None
+        if cache is not None:  # the report kept is the first unconverged step's, else the last one's
+            report = next((r for r in reports if r is not None and not r.converged), reports[-1])
+            cache.save(source.fingerprint(), result.float().cpu().numpy(), to_dict(report))
         return result
 
     def _query_vectors(self, s: torch.Tensor) -> np.ndarray:
