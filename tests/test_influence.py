@@ -333,21 +333,33 @@ def test_s_test_cached_beside_store(synthetic, tmp_path):
 
 def test_s_test_in_memory_bounded_steps(synthetic, tmp_path, monkeypatch):
     """s_test takes as many test points per step as the memory budget holds (one step for a small model); solved in
-    steps of 2 the rows are those of one solve, and an unconverged step's report is the one cached."""
+    steps of 2 the rows are those of one solve, and when one step did not converge the cached result says so even
+    if the last step did."""
+    import dataclasses
+
     import trainfluence.influence as influence_module
 
-    kwargs = dict(solver="exact", damping=0.0, weight_decay=synthetic["wd"])
-    whole = InfluenceEngine(synthetic["model"], synthetic["train"], cache_dir=tmp_path / "a", **kwargs).s_test(synthetic["test"])
+    kwargs = dict(damping=0.0, weight_decay=synthetic["wd"])
+    whole = InfluenceEngine(synthetic["model"], synthetic["train"], solver="exact", cache_dir=tmp_path / "a",
+                            **kwargs).s_test(synthetic["test"])
     monkeypatch.setattr(influence_module, "rows_within", lambda dim, budget: 2)
-    stepped = InfluenceEngine(synthetic["model"], synthetic["train"], cache_dir=tmp_path / "b", **kwargs)
+    stepped = InfluenceEngine(synthetic["model"], synthetic["train"], solver="exact", cache_dir=tmp_path / "b", **kwargs)
     torch.testing.assert_close(stepped.s_test(synthetic["test"]), whole, rtol=1e-12, atol=0)
-    cg = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", damping=0.0, weight_decay=synthetic["wd"],
-                         solver_settings={"maxiter": 1}, cache_dir=tmp_path / "c")
+    cg = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", cache_dir=tmp_path / "c", **kwargs)
+    solve, calls = cg.solver.inverse_hvp, []
+
+    def first_step_unconverged(op, V):  # CG converges on every step here; the first one is made to report otherwise
+        out = solve(op, V)
+        calls.append(len(V))
+        if len(calls) == 1:
+            cg.solver.report = dataclasses.replace(cg.solver.report, converged=False)
+        return out
+
+    monkeypatch.setattr(cg.solver, "inverse_hvp", first_step_unconverged)
     cg.s_test(synthetic["test"])
-    assert len(cg.reports) == 3 and not any(r.converged for r in cg.reports)  # 5 test points in steps of 2
-    cached = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", damping=0.0,
-                             weight_decay=synthetic["wd"], solver_settings={"maxiter": 1}, cache_dir=tmp_path / "c")
-    cached.s_test(synthetic["test"])  # read from the cache: its report still says the solve did not converge
+    assert calls == [2, 2, 1] and [r.converged for r in cg.reports] == [False, True, True]
+    cached = InfluenceEngine(synthetic["model"], synthetic["train"], solver="cg", cache_dir=tmp_path / "c", **kwargs)
+    cached.s_test(synthetic["test"])  # read from the cache
     assert len(cached.reports) == 1 and not cached.reports[0].converged
 
 

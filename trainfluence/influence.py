@@ -284,23 +284,28 @@ class InfluenceEngine:
                 self._record(SolveReport(**hit[1]))
                 return torch.from_numpy(hit[0]).to(self.device)
         # in steps of as many test points as the memory budget holds (a resnet18's gradients: 6 per GiB; the solve
-        # works on copies of them), the rows filled into one result; the default CNN's 1,024 per step is one step
+        # works on copies of them), the rows filled into one result; up to 1,024 points of the default CNN: one step
         x, y = source.tensors()
-        step = rows_within(self.fm.dim, self.store_settings.memory_budget)
-        result: torch.Tensor | None = None
+        step = self._pass_rows()
+        result = torch.empty(0)
         reports = []
         for a in range(0, max(len(y), 1), step):
             part = self.inverse_hvp(self.gradients((x[a : a + step], y[a : a + step])))
-            if result is None:
-                result = part if len(part) == len(y) else part.new_empty((len(y), part.shape[1]))
-            if result is not part:
-                result[a : a + len(part)] = part
             reports.append(self.solver.report)
-        assert result is not None
+            if len(part) == len(y):  # one step: the whole result
+                result = part
+                break
+            if a == 0:
+                result = part.new_empty((len(y), part.shape[1]))
+            result[a : a + len(part)] = part
         if cache is not None:  # the report kept is the first unconverged step's, else the last one's
             report = next((r for r in reports if r is not None and not r.converged), reports[-1])
             cache.save(source.fingerprint(), result.float().cpu().numpy(), to_dict(report))
         return result
+
+    def _pass_rows(self) -> int:
+        """Rows of per-example gradients a pass (s_test, self-influence) takes per step: what --memory-budget holds."""
+        return rows_within(self.fm.dim, self.store_settings.memory_budget)
 
     def _query_vectors(self, s: torch.Tensor) -> np.ndarray:
         """s_test in the store's space (projected with the store's projection when there is one)."""
@@ -375,7 +380,7 @@ class InfluenceEngine:
         rows = np.arange(self.n) if indices is None else np.atleast_1d(np.asarray(indices))
         stored = labels is None and self.store is not None and self.store.projection is None and self.store.complete
         out = np.empty(len(rows), dtype=np.float64)
-        chunk = chunk or rows_within(self.fm.dim, self.store_settings.memory_budget)
+        chunk = chunk or self._pass_rows()
         for start in bar(range(0, len(rows), chunk), desc=f"self-influence ({self.solver.name})", unit="chunk"):
             sel = rows[start : start + chunk]
             if stored:

@@ -165,7 +165,7 @@ def build_store(
             x, y = source.tensors(slice(start, stop))
             writer, losses, preds = store.chunk_writer(c), [], []
             for grads, loss, pred in _batch_gradients(x, y, fm, computer, projector, factored, store.manifest["vmap_batch"]):
-                at = start + sum(len(v) for v in losses)
+                at = writer.queued  # the batch's first row
                 where = f"the per-example gradients of {split} examples {at}..{at + len(loss) - 1}"
                 require_finite(loss, where.replace("gradients", "losses"), FIX_MODEL)
                 require_finite(grads, where, FIX_MODEL)

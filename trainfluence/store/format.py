@@ -296,14 +296,16 @@ class ChunkWriter:
         self._hash = RowsFingerprint()
         self._hash.begin(np.dtype(store.dtype), (self.stop - self.start, store.dim))
 
-    def _queued(self) -> int:
+    @property
+    def queued(self) -> int:
+        """The row after the last one added (written or pending)."""
         return self.at + sum(len(b) for b in self._pending)
 
     def add(self, grads: ArrayLike) -> None:
         g = torch.as_tensor(grads, dtype=torch.float32)
-        if g.ndim != 2 or g.shape[1] != self.store.dim or self._queued() + len(g) > self.stop:
+        if g.ndim != 2 or g.shape[1] != self.store.dim or self.queued + len(g) > self.stop:
             raise ValueError(f"chunk {self.c} expects {(self.stop - self.start, self.store.dim)} gradients; "
-                             f"{tuple(g.shape)} more do not fit after {self._queued() - self.start} rows")
+                             f"{tuple(g.shape)} more do not fit after {self.queued - self.start} rows")
         if self.store.dtype == np.float16:
             scale = g.abs().amax(dim=1)
             scale[scale == 0] = 1.0
