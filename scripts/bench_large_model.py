@@ -69,9 +69,9 @@ def main() -> None:
     body = f"""### Commands at their defaults on torchvision's resnet18 (11.2M parameters), {args.train_size} shapes images
 
 Each command in a fresh process, one after another on the same run and cache; peak = the process's maximum resident
-set size. Full per-example gradients (the default: no projection) are 45 MB per image, so the store holds
-{args.train_size * 44.7 / 1024:.1f} GB on disk; memory stays bounded because the store's writes, self-influence and
-s_test take as many rows per step as `--memory-budget` (1 GiB) allows.
+set size. Full per-example gradients (the default: no projection) are 45 MB per image (11,171,397 float32 values);
+memory stays bounded because the store's writes, self-influence and s_test take as many rows per step as
+`--memory-budget` (1 GiB) allows.
 
 {table(["command", "exit code", "seconds", "peak resident GiB"], rows)}
 """
