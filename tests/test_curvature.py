@@ -199,10 +199,25 @@ def test_ekfac_of_linear_layers_is_the_exact_ggn_diagonal_in_its_basis(problem):
         assert torch.allclose(layer.eig, exact, atol=1e-12), layer.module
 
 
-def _fit(model: nn.Module, problem) -> KroneckerCurvature:
-    fm = FunctionalModel(model.double().eval(), "all")
-    return KroneckerCurvature(fm, Objective()).fit(TensorSource(problem["x"], problem["y"]), np.arange(40),
-                                                  batch_size=16, progress=False)
+def test_kronecker_fit_takes_the_batch_its_memory_budget_holds(problem):
+    """The fit takes fewer examples per batch when the memory budget holds fewer, counted per example as
+    batch_within's docstring states, and its factors and eigenvalues are the same sums.  ConvNet on 2×6×6, by hand:
+    c1 T = 36, in = 2·9 + 1 = 19, out 3; c2 T = 16, in = 27, out 4; fc T = 1, in = 65.  Patches max 2·36·19 = 1,368;
+    rotated 684 + 432 + 65 = 1,181 plus products max(3·3·19, 3·4·27) = 324 (not fc's: T = 1); activations (c1, c2,
+    bn, fc outputs) 108 + 64 + 64 + 3 = 239, ×4.  2,461 float64 values = 19,688 bytes per example."""
+    per_example = 8 * (4 * 239 + max(1368, 1181 + 324))
+    source = TensorSource(problem["x"], problem["y"])
+    op = HessianOperator(problem["fm"], Objective(), source, 0.1, memory_budget=5 * per_example + 1)
+    small = op.kronecker(batch_size=16)
+    assert small.batch_size == 5
+    assert KroneckerCurvature(problem["fm"], Objective()).batch_within(problem["x"][0], per_example - 1) == 1
+    whole = _fit(ConvNet(), problem)
+    assert whole.batch_size == 16
+    for a, b in zip(small.layers, whole.layers):
+        for name in ("A", "S", "eig"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-14)
+    for n in whole.diagonal:
+        torch.testing.assert_close(small.diagonal[n], whole.diagonal[n], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("make, layouts", [(ConvNet, [True] * 3), (lambda: ViewNet(channels=2, size=6, classes=3),

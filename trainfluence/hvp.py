@@ -132,7 +132,8 @@ class HessianOperator:
     def kronecker(self, *, corrected: bool = True, samples: int | None = None, batch_size: int = 128,
                   seed: int = 0) -> "KroneckerCurvature":
         """The Kronecker-factored (EK-FAC, or K-FAC) Gauss–Newton approximation over this operator's examples (or a
-        seeded sample of ``samples`` of them), estimated once and shared by every solver that asks."""
+        seeded sample of ``samples`` of them), estimated once and shared by every solver that asks; ``batch_size``
+        examples per batch at most, fewer when ``memory_budget`` holds fewer (:meth:`KroneckerCurvature.batch_within`)."""
         from .kfac import KroneckerCurvature
 
         key = (corrected, samples, batch_size, seed)
@@ -144,7 +145,7 @@ class HessianOperator:
             if samples is not None and samples < len(idx):
                 idx = np.sort(np.random.default_rng(seed).choice(idx, size=samples, replace=False))
             self._kronecker[key] = KroneckerCurvature(self.fm, self.objective, corrected=corrected).fit(
-                self.source, idx, batch_size=batch_size)
+                self.source, idx, batch_size=batch_size, memory_budget=self.memory_budget)
         return self._kronecker[key]
 
     def subset(self, size: int, seed: int = 0) -> "HessianOperator":

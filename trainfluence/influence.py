@@ -158,7 +158,8 @@ class InfluenceEngine:
         if self._op is None:
             self._op = HessianOperator(self.fm, self.objective, self.source, self._damping or 0.0,
                                        curvature=self.settings.curvature, batch_size=self.settings.hessian_batch_size,
-                                       hessian_samples=self.settings.hessian_samples)
+                                       hessian_samples=self.settings.hessian_samples,
+                                       memory_budget=self.store_settings.memory_budget)
             if self._damping is None:
                 self._damping = self._op.damping = self._auto_damping(self._op)
         return self._op

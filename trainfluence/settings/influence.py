@@ -70,7 +70,7 @@ class KroneckerSettings:
 
     samples: int | None = option(None, "training examples the factors are estimated from; none: all of the "
                                  "Hessian's examples", Range(low=1, integer=True, none=True))
-    batch_size: int = option(128, "examples per factor batch", POSITIVE_INT)
+    batch_size: int = option(128, "examples per factor batch at most; fewer when --memory-budget holds fewer", POSITIVE_INT)
     seed: int = option(0, "seed of the sample, when --*-samples is below the Hessian's examples", NONNEG_INT)
 
 
