@@ -13,6 +13,7 @@ from torch.func import hessian, jacrev
 from trainfluence.data.source import TensorSource
 from trainfluence.errors import UserError
 from trainfluence.ensemble import EnsembleEngine
+from trainfluence.gradients import GradientComputer
 from trainfluence.hvp import HessianOperator
 from trainfluence.influence import InfluenceEngine
 from trainfluence.kfac import KroneckerCurvature
@@ -251,6 +252,44 @@ def test_kronecker_fit_is_layout_free(problem, make, layouts, monkeypatch):
     for a, b in zip(robust.layers, want.layers):
         torch.testing.assert_close(a.eig, b.eig, rtol=0, atol=1e-12)
     torch.testing.assert_close(robust.solve(ones, 0.1), want.solve(ones, 0.1), rtol=1e-9, atol=1e-12)
+
+
+class NormNet(nn.Module):
+    """A GroupNorm (a diagonal block whose per-example gradients take the vmap path) between a bias-free
+    convolution and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c = nn.Conv2d(2, 3, 3, bias=False)
+        self.gn = nn.GroupNorm(1, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.gn(self.c(x))).flatten(1))
+
+
+@pytest.mark.parametrize("make, selection", [
+    (ConvNet, "all"),
+    (ConvNet, ["c2.weight", "bn.weight", "bn.bias", "fc.weight"]),
+    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(72, 9), nn.Tanh(), nn.Linear(9, 3)), "all"),
+    (NormNet, "all"),
+], ids=["convnet", "some-parameters", "linear", "groupnorm"])
+def test_example_quadratic_forms_equal_whitened_gradients(problem, make, selection):
+    """gᵀP⁻¹g from one forward and one backward pass, no gradient formed, equals the whitened per-example gradient
+    on every path: convolutions with T ≥ in (c1: 36 positions, 19 inputs) and T < in (c2: 16, 27), linear layers
+    (one position), BatchNorm from hooks, GroupNorm by vmap, a selection of some parameters, and labels other
+    than the given ones (the relabel suggestions)."""
+    x, y = problem["x"], problem["y"]
+    fm = FunctionalModel(make().double().eval(), selection)
+    kc = KroneckerCurvature(fm, Objective()).fit(TensorSource(x, y), np.arange(40), batch_size=16, progress=False)
+    assert kc.layers and (kc._vmapped == ["gn.weight", "gn.bias"]) == (make is NormNet)
+    other = (y + 1) % 3
+    for labels in (y, other):
+        G = GradientComputer(fm, Objective()).flat(x, labels)
+        want = kc.whiten(G, 0.05).pow(2).sum(1)
+        got = kc.example_quadratic_forms(x, labels, 0.05)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
 
 
 def test_ekfac_solver_and_damping_auto(problem, tmp_path):

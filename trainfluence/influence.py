@@ -375,15 +375,26 @@ class InfluenceEngine:
         """∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) for every training example (or the given ones; ``labels`` replaces their labels), ``chunk``
         examples at a time (default: as many as the memory budget holds, :func:`~trainfluence.gradients.rows_within`).
 
-        When the gradient store holds full gradients (no projection) the gradients are read from it in one pass
-        over the store, not computed again.  ``exact``, ``arnoldi``, ``ekfac`` and ``kfac`` whiten each gradient
-        (cheap for all n); ``lissa`` and ``cg`` solve one system per example (batched, but slow for large n)."""
+        ``ekfac`` and ``kfac`` never form the gradients: one forward and one backward pass per batch of examples
+        gives each layer's gᵀP⁻¹g from its inputs and output gradients
+        (:meth:`~trainfluence.kfac.KroneckerCurvature.example_quadratic_forms`).  The other solvers take the gradients
+        from the store when it holds full ones (no projection), else compute them; ``exact`` and ``arnoldi`` whiten
+        each gradient (cheap for all n), ``lissa`` and ``cg`` solve one system per example (batched, slow for large n)."""
         rows = np.arange(self.n) if indices is None else np.atleast_1d(np.asarray(indices))
+        factored = self.solver.factored(self.operator) if len(rows) else None
         stored = labels is None and self.store is not None and self.store.projection is None and self.store.complete
         out = np.empty(len(rows), dtype=np.float64)
+        if factored is not None:
+            chunk = chunk or factored.batch_within(self.source.tensors(rows[:1])[0][0], self.store_settings.memory_budget)
         chunk = chunk or self._pass_rows()
         for start in bar(range(0, len(rows), chunk), desc=f"self-influence ({self.solver.name})", unit="chunk"):
             sel = rows[start : start + chunk]
+            if factored is not None:
+                x, y = self.source.tensors(sel)
+                if labels is not None:
+                    y = labels[start : start + len(sel)].to(y)
+                out[start : start + len(sel)] = factored.example_quadratic_forms(x, y, self.operator.shift).numpy()
+                continue
             if stored:
                 G = torch.from_numpy(self.store.read(np.sort(sel))[np.argsort(np.argsort(sel))]).to(self.device, self.fm.dtype)
             else:

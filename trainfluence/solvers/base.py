@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
 from ..errors import UserError
 from ..hvp import HessianOperator
+
+if TYPE_CHECKING:
+    from ..kfac import KroneckerCurvature
 
 
 @dataclass
@@ -71,6 +74,12 @@ class Solver:
     def quadratic_form(self, op: HessianOperator, G: torch.Tensor) -> torch.Tensor:
         """gᵀ H⁻¹ g for each row g of G (float64)."""
         return (self.inverse_hvp(op, G).double() * G.double()).sum(1)
+
+    def factored(self, op: HessianOperator) -> "KroneckerCurvature | None":
+        """The Kronecker-factored curvature this solver inverts exactly, whose
+        :meth:`~trainfluence.kfac.KroneckerCurvature.example_quadratic_forms` give gᵀH⁻¹g for examples without
+        forming their gradients; None for the others (the caller forms G for :meth:`quadratic_form`)."""
+        return None
 
 
 class EigenSolver(Solver):

@@ -33,6 +33,9 @@ class KroneckerSolver(Solver):
     def quadratic_form(self, op: HessianOperator, G: torch.Tensor) -> torch.Tensor:
         return self.curvature(op).whiten(G.to(op.theta), op.shift).pow(2).sum(1)
 
+    def factored(self, op: HessianOperator):
+        return self.curvature(op)
+
 
 class EkfacSolver(KroneckerSolver):
     name = "ekfac"
