@@ -256,6 +256,16 @@ class KroneckerCurvature:
                 h.remove()
         return logits, inputs, outputs
 
+    def _forward_in(self, x: torch.Tensor, layout: dict[str, torch.Tensor], hooked: list[str]):
+        """:meth:`_forward` channels-last when ``layout`` is given, in the default layout when the model's code
+        raises on it (plain autograd, so the retry is safe); also returns the layout that worked, to keep."""
+        try:
+            return (*self._forward(x, layout, hooked), layout)
+        except RuntimeError:
+            if not layout:
+                raise
+            return (*self._forward(x, {}, hooked), {})
+
     def _passes(self, source: ExampleSource, batches: list[np.ndarray], desc: str, progress: bool, norms: bool = False):
         """For every batch: (x, its output cotangents u_c [K − 1, B, K] from
         :meth:`~trainfluence.objective.Objective.output_hessian_factors`, the hooked modules' inputs, and a generator
@@ -275,15 +285,7 @@ class KroneckerCurvature:
         hooked = [layer.module for layer in self.layers] + (list(self.norms) if norms else [])
         for sel in bar(batches, desc=desc, unit="batch", disable=not progress):
             x, _ = source.tensors(sel)
-            x = x.to(self.fm.device)
-            while True:
-                try:
-                    logits, inputs, outputs = self._forward(x, layout, hooked)
-                    break
-                except RuntimeError:
-                    if not layout:
-                        raise
-                    layout = {}
+            logits, inputs, outputs, layout = self._forward_in(x.to(self.fm.device), layout, hooked)
             targets = [outputs[name] for name in hooked]
             factors = self.objective.output_hessian_factors(logits.detach())
 
@@ -433,14 +435,7 @@ class KroneckerCurvature:
         layout = channels_last_params(self.fm, any(layer.conv is not None for layer in self.layers))
         hooked = [layer.module for layer in self.layers] + list(self.norms)
         x, y = x.to(self.fm.device), y.to(self.fm.device)
-        while True:
-            try:
-                logits, inputs, outputs = self._forward(x, layout, hooked)
-                break
-            except RuntimeError:
-                if not layout:
-                    raise
-                layout = {}
+        logits, inputs, outputs, _ = self._forward_in(x, layout, hooked)
         loss = self.objective.loss(logits, y).sum()
         grads = torch.autograd.grad(loss, [outputs[name] for name in hooked]) if hooked else ()
         out = torch.zeros(len(x), dtype=torch.float64, device=self.fm.device)
