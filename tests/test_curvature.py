@@ -292,6 +292,40 @@ def test_example_quadratic_forms_equal_whitened_gradients(problem, make, selecti
         torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
 
 
+def test_kronecker_fit_is_kept_on_disk(problem, tmp_path, monkeypatch):
+    """A second engine on the same model, data and settings loads the EK-FAC fit instead of fitting again, and
+    gives the same H⁻¹v and self-influence bit for bit; other parameters fit their own; a damaged file is fitted
+    again (a note, no traceback); arrays of another parameter selection are refused by restore."""
+    x, y = problem["x"], problem["y"]
+    fits = []
+    real = KroneckerCurvature.fit
+    monkeypatch.setattr(KroneckerCurvature, "fit", lambda self, *a, **k: fits.append(1) or real(self, *a, **k))
+
+    def engine(**options):
+        return InfluenceEngine(problem["model"], (x, y), solver="ekfac", damping=0.01, weight_decay=0.0,
+                               cache_dir=tmp_path, **{"params": "all", **options})
+
+    first = engine()
+    G = first.gradients((x[:4], y[:4]))
+    si, solved = first.self_influence(), first.inverse_hvp(G)
+    (path,) = tmp_path.glob("kfac-*/fit.npz")
+    assert len(fits) == 1
+    second = engine()
+    np.testing.assert_array_equal(second.self_influence(), si)
+    torch.testing.assert_close(second.inverse_hvp(G), solved, rtol=0, atol=0)
+    assert len(fits) == 1
+    engine(params=["fc.weight", "fc.bias"]).self_influence()
+    assert len(fits) == 2 and len(list(tmp_path.glob("kfac-*/fit.npz"))) == 2
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    np.testing.assert_allclose(engine().self_influence(), si, rtol=1e-12)
+    assert len(fits) == 3
+    last = KroneckerCurvature(FunctionalModel(problem["model"], ["fc.weight", "fc.bias"]), Objective())
+    with pytest.raises(ValueError, match="do not match"):
+        last.restore(second.solver.factored(second.operator).arrays())
+
+
 def test_ekfac_solver_and_damping_auto(problem, tmp_path):
     x, y = problem["x"], problem["y"]
     engine = InfluenceEngine(problem["model"], (x, y), solver="ekfac", params="all", damping="auto", weight_decay=0.0,

@@ -17,7 +17,8 @@ estimate H_B v used by LiSSA.  Both take a matrix of right-hand sides ``V [m, p]
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from .checks import require_finite
 from .data.source import ExampleSource
+from .fingerprint import fingerprint
 from .gradients import activation_numel
 from .objective import FunctionalModel, Objective
 from .progress import bar
@@ -66,6 +68,8 @@ class HessianOperator:
         self._grad = grad(self._mean_loss)
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._kronecker: dict[tuple, "KroneckerCurvature"] = {}
+        # (cache directory, what the model and data are) to keep Kronecker fits on disk (:mod:`.store.curvature`)
+        self.curvature_cache: tuple[Path, dict[str, Any]] | None = None
 
     @property
     def rhs_chunk(self) -> int:
@@ -144,8 +148,19 @@ class HessianOperator:
             idx = self.indices
             if samples is not None and samples < len(idx):
                 idx = np.sort(np.random.default_rng(seed).choice(idx, size=samples, replace=False))
-            self._kronecker[key] = KroneckerCurvature(self.fm, self.objective, corrected=corrected).fit(
-                self.source, idx, batch_size=batch_size, memory_budget=self.memory_budget)
+            kc = KroneckerCurvature(self.fm, self.objective, corrected=corrected)
+            cache = None
+            if self.curvature_cache is not None:
+                from .store.curvature import CurvatureCache
+
+                directory, base = self.curvature_cache
+                cache = CurvatureCache(directory, {**base, "corrected": corrected, "examples": fingerprint(idx),
+                                                   "batch_size": batch_size})
+            if cache is None or not cache.load(kc):
+                kc.fit(self.source, idx, batch_size=batch_size, memory_budget=self.memory_budget)
+                if cache is not None:
+                    cache.save(kc)
+            self._kronecker[key] = kc
         return self._kronecker[key]
 
     def subset(self, size: int, seed: int = 0) -> "HessianOperator":

@@ -160,6 +160,9 @@ class InfluenceEngine:
                                        curvature=self.settings.curvature, batch_size=self.settings.hessian_batch_size,
                                        hessian_samples=self.settings.hessian_samples,
                                        memory_budget=self.store_settings.memory_budget)
+            if self.cache_dir is not None:  # Kronecker fits kept on disk, like s_test (a fit needs no built store)
+                self._op.curvature_cache = (self.cache_dir, {"model": self.model_id, "train": self.source.fingerprint(),
+                                                             "params": self.fm.names, "objective": self.objective.name})
             if self._damping is None:
                 self._damping = self._op.damping = self._auto_damping(self._op)
         return self._op
@@ -373,7 +376,8 @@ class InfluenceEngine:
 
     def self_influence(self, indices: Any = None, *, labels: torch.Tensor | None = None, chunk: int | None = None) -> np.ndarray:
         """∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) for every training example (or the given ones; ``labels`` replaces their labels), ``chunk``
-        examples at a time (default: as many as the memory budget holds, :func:`~trainfluence.gradients.rows_within`).
+        examples at a time (default: as many as the memory budget holds, :func:`~trainfluence.gradients.rows_within`, or
+        under ``ekfac``/``kfac`` :meth:`~trainfluence.kfac.KroneckerCurvature.batch_within`).
 
         ``ekfac`` and ``kfac`` never form the gradients: one forward and one backward pass per batch of examples
         gives each layer's gᵀP⁻¹g from its inputs and output gradients
@@ -382,26 +386,23 @@ class InfluenceEngine:
         each gradient (cheap for all n), ``lissa`` and ``cg`` solve one system per example (batched, slow for large n)."""
         rows = np.arange(self.n) if indices is None else np.atleast_1d(np.asarray(indices))
         factored = self.solver.factored(self.operator) if len(rows) else None
-        stored = labels is None and self.store is not None and self.store.projection is None and self.store.complete
+        stored = factored is None and labels is None and self.store is not None and self.store.projection is None \
+            and self.store.complete
+        if chunk is None:
+            chunk = factored.batch_within(self.source.tensors(rows[:1])[0][0], self.store_settings.memory_budget) \
+                if factored is not None else self._pass_rows()
         out = np.empty(len(rows), dtype=np.float64)
-        if factored is not None:
-            chunk = chunk or factored.batch_within(self.source.tensors(rows[:1])[0][0], self.store_settings.memory_budget)
-        chunk = chunk or self._pass_rows()
         for start in bar(range(0, len(rows), chunk), desc=f"self-influence ({self.solver.name})", unit="chunk"):
             sel = rows[start : start + chunk]
-            if factored is not None:
-                x, y = self.source.tensors(sel)
-                if labels is not None:
-                    y = labels[start : start + len(sel)].to(y)
-                out[start : start + len(sel)] = factored.example_quadratic_forms(x, y, self.operator.shift).numpy()
-                continue
             if stored:
                 G = torch.from_numpy(self.store.read(np.sort(sel))[np.argsort(np.argsort(sel))]).to(self.device, self.fm.dtype)
+                q = self.solver.quadratic_form(self.operator, G)
             else:
                 x, y = self.source.tensors(sel)
                 if labels is not None:
                     y = labels[start : start + len(sel)].to(y)
-                G = self.gradients((x, y)).to(self.device)
-            out[start : start + len(sel)] = self.solver.quadratic_form(self.operator, G).cpu().numpy()
+                q = factored.example_quadratic_forms(x, y, self.operator.shift) if factored is not None else \
+                    self.solver.quadratic_form(self.operator, self.gradients((x, y)).to(self.device))
+            out[start : start + len(sel)] = q.cpu().numpy()
             self._record(self.solver.report)
         return require_finite(out, "self-influence scores", FIX_SOLVE)

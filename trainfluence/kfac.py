@@ -392,6 +392,44 @@ class KroneckerCurvature:
             self._correct(source, batches, progress)
         return self
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fit as named arrays (what :mod:`trainfluence.store.curvature` keeps): per layer Q_A, Q_S, the
+        eigenvalues (EK-FAC's or K-FAC's) and K-FAC's own, and T; the diagonal blocks; the examples and batch.  Not
+        the factors A and S themselves, which nothing uses after their eigendecompositions."""
+        out = {"examples": np.array(self.examples), "batch_size": np.array(self.batch_size)}
+        for layer in self.layers:
+            for name in ("QA", "QS", "eig", "kfac_eig"):
+                out[f"layer:{layer.module}:{name}"] = getattr(layer, name).numpy()
+            out[f"layer:{layer.module}:positions"] = np.array(layer.positions)
+        for n, d in self.diagonal.items():
+            out[f"diagonal:{n}"] = d.numpy()
+        return out
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take a fit from :meth:`arrays` (of the same model and parameters); ValueError, with nothing changed, when
+        the names, shapes or dtypes do not fit this model's layers or a value is not finite."""
+        want: dict[str, tuple[int, ...]] = {"examples": (), "batch_size": ()}
+        for layer in self.layers:
+            w = self.fm.params[layer.weight]
+            out, inp = w.shape[0], int(np.prod(w.shape[1:])) + (layer.bias is not None)
+            want |= {f"layer:{layer.module}:QA": (inp, inp), f"layer:{layer.module}:QS": (out, out),
+                     f"layer:{layer.module}:eig": (out, inp), f"layer:{layer.module}:kfac_eig": (out, inp),
+                     f"layer:{layer.module}:positions": ()}
+        want |= {f"diagonal:{n}": tuple(d.shape) for n, d in self.diagonal.items()}
+        if set(arrays) != set(want):
+            raise ValueError(f"arrays {sorted(set(arrays) ^ set(want))[:3]} do not match the model's layers")
+        for name, shape in want.items():
+            a = arrays[name]
+            if a.shape != shape or (shape and a.dtype != np.float64) or not np.isfinite(a).all():
+                raise ValueError(f"{name}: shape {a.shape} or dtype {a.dtype} or values wrong")
+        tensor = {name: torch.from_numpy(np.array(a)) for name, a in arrays.items() if a.shape}
+        for layer in self.layers:
+            key = f"layer:{layer.module}:"
+            layer.QA, layer.QS, layer.eig, layer.kfac_eig = (tensor[key + n] for n in ("QA", "QS", "eig", "kfac_eig"))
+            layer.positions, layer.A, layer.S = float(arrays[key + "positions"]), None, None
+        self.diagonal = {n: tensor[f"diagonal:{n}"] for n in self.diagonal}
+        self.examples, self.batch_size = int(arrays["examples"]), int(arrays["batch_size"])
+
     def uncorrected(self) -> "KroneckerCurvature":
         """K-FAC from the same factors (what ``fit`` with ``corrected=False`` on the same examples gives), without
         another pass over the data: EK-FAC keeps K-FAC's eigenvalues beside its own."""
