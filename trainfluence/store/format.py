@@ -10,7 +10,9 @@ One folder per key under the cache directory (default ``cache/``)::
                            so fp16 keeps ~3 significant digits whatever the gradient's magnitude)
         loss.npy pred.npy label.npy     per-example loss, predicted class, label
         chunks/000012.json completion record of chunk 12: rows and the SHA-256 of its bytes in every array
-        stest/ index-*.faiss           cached results (:mod:`.artefacts`), each with its checksum
+        index-*.faiss      cached faiss indices (:mod:`trainfluence.search`), each with its checksum
+
+    Beside the store, not in it: ``<cache>/stest-<key>/`` (:mod:`.stest`) and ``<cache>/kfac-<key>/`` (:mod:`.curvature`).
 
 A chunk's rows are written to the files and synced, and only then its record is written (atomically), so a
 record vouches for bytes that are on disk; a record whose checksum no longer matches (a truncated or edited file)
