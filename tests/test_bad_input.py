@@ -355,6 +355,24 @@ def test_full_disk_is_one_line_and_leaves_nothing(shapes_run, tmp_path):
     assert not leftovers(tmp_path / "t") and not list((tmp_path / "t").glob("*.pt"))
 
 
+def test_store_larger_than_the_free_space_is_refused_before_writing(shapes_run, tmp_path, capsys, monkeypatch):
+    """A full-gradient store that cannot fit is refused up front with its size and the ways to shrink it (a
+    resnet18's gradients on 50,000 images are 2.2 TB), before a manifest or an array is written."""
+    import shutil
+
+    import trainfluence.store.format as store_format
+
+    free = 1 << 20
+    monkeypatch.setattr(store_format.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, (1 << 40) - free, free))
+    code = main(["cache", "--checkpoint", str(shapes_run["checkpoint"]), "--train-size", "300", "--params", "all",
+                 "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, "--projection-dim 4096")
+    dim = sum(p.numel() for p in load_checkpoint(shapes_run["checkpoint"]).model.parameters())
+    assert f"{300 * (dim * 4 + 24) / 2**30:,.1f} GiB ({300:,} examples × {dim:,} values, fp32)" in err
+    assert not list((tmp_path / "c").rglob("manifest.json")) and not list((tmp_path / "c").rglob("*.npy"))
+
+
 def test_decompression_bomb_named(tmp_path, capsys):
     for split in ("train", "test"):
         (tmp_path / split / "a").mkdir(parents=True)
