@@ -321,9 +321,10 @@ class KroneckerCurvature:
         correction's rotated inputs of every layer (Σ T·in, held across the cotangents) and one layer's
         [out, in] products (×3: the batched product, its rotation, its square; none when T = 1).
 
-        Measured on torchvision's resnet18 at 32×32 (300 shapes images, 2 cores; scripts/bench_large_model.py):
-        the fit at 128 per batch peaked at 10.4 GiB resident, the correction's [128, 512, 4608] products and
-        the rotated inputs of layer1 (4 × 302 MB) its largest tensors."""
+        Measured by hand on torchvision's resnet18 at 32×32 (128 shapes images, 2 cores): the fit at 128 per batch
+        peaked at 10.4 GiB resident, the correction's [128, 512, 4608] products and the rotated inputs of layer1
+        (4 × 302 MB) its largest tensors; at the 14 this gives for 1 GiB, 4.5 GiB (scripts/bench_large_model.py
+        measures whole commands)."""
         shapes: dict[str, tuple[int, int, int]] = {}  # module → (T, in, out)
 
         def hook_for(layer: _Layer):
