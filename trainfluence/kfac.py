@@ -191,19 +191,27 @@ class _Layer:
                      padding=c["padding"], dilation=c["dilation"])  # [B, in, H', W']
         return a.movedim(1, -1).reshape(a.shape[0], -1, a.shape[1])  # a view when channels-last
 
-    def rotated_squares(self, rotated: torch.Tensor, delta: torch.Tensor, QS: torch.Tensor) -> torch.Tensor:
-        """Σ over the batch's examples of (Q_Sᵀ Gᵢ Q_A)² [out, in] for one output cotangent (the EK-FAC correction's
-        sum), from :meth:`rotated_inputs` and the gradients at the layer's output: Σₜ (Q_Sᵀ δₜ)(Q_Aᵀ aₜ)ᵀ as one
-        batched matmul [B, out, T]·[B, T, in], with Q_Sᵀ applied to whichever is smaller, δ (B·T·out² products) or
-        the [B, out, in] result (B·out²·in): δ when T < in.  ``QS``: on the device, in the dtype."""
+    def rotated_gradients(self, rotated: torch.Tensor, delta: torch.Tensor, QS: torch.Tensor) -> torch.Tensor:
+        """(Q_Sᵀδ [B, T, out], Q_Sᵀ Gᵢ Q_A [B, out, in] or None at one position) for one batch of gradients at the
+        layer's output (shaped as the output, in either memory layout) and :meth:`rotated_inputs`:
+        Σₜ (Q_Sᵀ δₜ)(Q_Aᵀ aₜ)ᵀ as one batched matmul [B, out, T]·[B, T, in], with Q_Sᵀ applied to whichever is
+        smaller, δ (B·T·out² products) or the [B, out, in] result (B·out²·in): δ when T < in.  At one position the
+        callers use the rank-one product (Q_Sᵀδ)(Q_Aᵀa)ᵀ without forming it.  ``QS``: on the device, in the dtype."""
         d = delta.reshape(delta.shape[0], -1, delta.shape[-1]) if self.conv is None else \
             delta.movedim(1, -1).reshape(delta.shape[0], -1, delta.shape[1])  # [B, T, out]
         positions, inputs = rotated.shape[1], rotated.shape[2]
-        if positions == 1:  # one position: (Q_Sᵀδ)² ((Q_Aᵀa)²)ᵀ, no [B, out, in] tensor
-            return (d[:, 0] @ QS).pow(2).T @ rotated[:, 0].pow(2)
-        if positions < inputs:
-            return torch.bmm((d @ QS).transpose(1, 2), rotated).pow(2).sum(0)
-        return (QS.T @ torch.bmm(d.transpose(1, 2), rotated)).pow(2).sum(0)
+        if positions == 1 or positions < inputs:
+            u = d @ QS
+            return u, None if positions == 1 else torch.bmm(u.transpose(1, 2), rotated)
+        return d, QS.T @ torch.bmm(d.transpose(1, 2), rotated)
+
+    def rotated_squares(self, rotated: torch.Tensor, delta: torch.Tensor, QS: torch.Tensor) -> torch.Tensor:
+        """Σ over the batch's examples of (Q_Sᵀ Gᵢ Q_A)² [out, in] for one output cotangent (the EK-FAC correction's
+        sum; :meth:`rotated_gradients`)."""
+        u, Z = self.rotated_gradients(rotated, delta, QS)
+        if Z is None:  # one position: (Q_Sᵀδ)² ((Q_Aᵀa)²)ᵀ, no [B, out, in] tensor
+            return u[:, 0].pow(2).T @ rotated[:, 0].pow(2)
+        return Z.pow(2).sum(0)
 
 
 @dataclass
@@ -228,6 +236,7 @@ class KroneckerCurvature:
         by_hook = {n for pair in self.norms.values() for n in pair}
         self._vmapped = [n for n in self.diagonal if n not in by_hook]
         self._modules = dict(self.fm.module.named_modules())
+        self._whitened: tuple[float, list] | None = None  # :meth:`_whitening`'s last result
 
     # ---- estimation ----------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, layout: dict[str, torch.Tensor], hooked: list[str]):
@@ -430,6 +439,7 @@ class KroneckerCurvature:
             layer.positions, layer.A, layer.S = float(arrays[key + "positions"]), None, None
         self.diagonal = {n: tensor[f"diagonal:{n}"] for n in self.diagonal}
         self.examples, self.batch_size = int(arrays["examples"]), int(arrays["batch_size"])
+        self._whitened = None
 
     def uncorrected(self) -> "KroneckerCurvature":
         """K-FAC from the same factors (what ``fit`` with ``corrected=False`` on the same examples gives), without
@@ -459,6 +469,16 @@ class KroneckerCurvature:
             layer.eig = sums[layer.module] / self.examples
             require_finite(layer.eig, f"the EK-FAC eigenvalues of {layer.module}", FIX_MODEL)
 
+    def _whitening(self, damping: float) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer (Q_A, Q_S, 1/(Λ + d)) on the model's device and in its dtype, made once per damping and kept
+        (a resnet18's are 0.4 GB of float32: converting them for every batch was work done again each time)."""
+        if self._whitened is None or self._whitened[0] != damping:
+            device = self.fm.device
+            self._whitened = (damping, [tuple(t.to(device, self.fm.params[layer.weight].dtype) for t in
+                                              (layer.QA, layer.QS, (layer.eig.to(device) + damping).reciprocal()))
+                                        for layer in self.layers])
+        return self._whitened[1]
+
     def example_quadratic_forms(self, x: torch.Tensor, y: torch.Tensor, damping: float) -> torch.Tensor:
         """gᵢᵀP⁻¹gᵢ [B] (float64) for the examples (x, y), gᵢ = ∇ℓ(zᵢ) over the selected parameters — what
         :meth:`whiten` of the stored gradients gives, without forming gᵢ.  One forward pass and one backward pass of
@@ -478,21 +498,13 @@ class KroneckerCurvature:
         loss = self.objective.loss(logits, y).sum()
         grads = torch.autograd.grad(loss, [outputs[name] for name in hooked]) if hooked else ()
         out = torch.zeros(len(x), dtype=torch.float64, device=self.fm.device)
-        for layer, d in zip(self.layers, grads):
-            dtype = self.fm.params[layer.weight].dtype
-            QA, QS = (Q.to(self.fm.device, dtype) for Q in (layer.QA, layer.QS))
-            scale = (layer.eig.to(self.fm.device) + damping).reciprocal().to(dtype)  # [out, in]
+        for layer, d, (QA, QS, scale) in zip(self.layers, grads, self._whitening(damping)):
             rotated = layer.rotated_inputs(inputs[layer.module], QA)  # [B, T, in]
-            delta = d.reshape(d.shape[0], -1, d.shape[-1]) if layer.conv is None else \
-                d.movedim(1, -1).reshape(d.shape[0], -1, d.shape[1])  # [B, T, out]
-            if rotated.shape[1] == 1:  # one position: Σ_oj (u_o v_j)² / (Λ + d)_oj = Σ_j ((u²) W)_j v_j²
-                out += ((delta[:, 0] @ QS).pow(2) @ scale * rotated[:, 0].pow(2)).sum(1, dtype=torch.float64)
-                continue
-            if rotated.shape[1] < rotated.shape[2]:
-                Z = torch.bmm((delta @ QS).transpose(1, 2), rotated)
+            u, Z = layer.rotated_gradients(rotated, d, QS)
+            if Z is None:  # one position: Σ_oj (u_o v_j)² / (Λ + d)_oj = Σ_j ((u²) W)_j v_j²
+                out += (u[:, 0].pow(2) @ scale * rotated[:, 0].pow(2)).sum(1, dtype=torch.float64)
             else:
-                Z = QS.T @ torch.bmm(delta.transpose(1, 2), rotated)
-            out += (Z.pow(2) * scale).sum((1, 2), dtype=torch.float64)
+                out += (Z.pow(2) * scale).sum((1, 2), dtype=torch.float64)
         for (name, pair), d in zip(self.norms.items(), grads[len(self.layers):]):
             for n, g in zip(pair, norm_gradients(self._modules[name], inputs[name], d)):
                 out += (g.double().pow(2) / (self.diagonal[n].to(g.device) + damping)).sum(1)

@@ -369,18 +369,24 @@ def wipe(root: Path) -> None:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-PER_ROW_BYTES = 4 + 4 + 8 + 8  # scale, loss, pred, label beside each row of grads
+def store_arrays(n: int, dim: int, dtype: str) -> dict[str, tuple[tuple[int, ...], type]]:
+    """The store's arrays: name → (shape, numpy dtype); the one place their layout is decided."""
+    return {"grads": ((n, dim), np.float16 if dtype == "fp16" else np.float32), "scale": ((n,), np.float32),
+            "loss": ((n,), np.float32), "pred": ((n,), np.int64), "label": ((n,), np.int64)}
+
+
+def _nbytes(arrays: dict[str, tuple[tuple[int, ...], type]]) -> int:
+    return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in arrays.values())
 
 
 def check_space(root: Path, n: int, dim: int, dtype: str) -> None:
     """Refuse, before anything is written, a store larger than the free space where it would go — with its size
     and the ways to shrink it (full gradients of a large model: 45 MB per resnet18 image, 2.2 TB for 50,000)."""
-    itemsize = 2 if dtype == "fp16" else 4
-    needed = n * (dim * itemsize + PER_ROW_BYTES)
+    needed = _nbytes(store_arrays(n, dim, dtype))
     where = next(p for p in (root, *root.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if needed > free:
-        projected = n * (4096 * 2 + PER_ROW_BYTES)
+        projected = _nbytes(store_arrays(n, 4096, "fp16"))
         raise UserError(f"the gradient store needs {needed / 2**30:,.1f} GiB ({n:,} examples × {dim:,} values, {dtype}) "
                         f"and {where} has {free / 2**30:,.1f} GiB free: project the gradients (--projection-dim 4096: "
                         f"{projected / 2**30:,.2f} GiB), select fewer parameters (--params), or point --cache-dir at a "
@@ -404,9 +410,7 @@ def open_store(cache_dir: str | Path, key: dict[str, Any], settings: dict[str, A
     store = GradientStore(root)
     if store.key != key or store.dim != dim:
         raise UserError(f"gradient store {root} holds a different key than this run asks for: delete the folder to rebuild it")
-    dtype = np.float16 if key["dtype"] == "fp16" else np.float32
-    shapes = {"grads": ((n, dim), dtype), "scale": ((n,), np.float32), "loss": ((n,), np.float32),
-              "pred": ((n,), np.int64), "label": ((n,), np.int64)}
+    shapes = store_arrays(n, dim, key["dtype"])
     created: list[Path] = []
     try:
         for name, (shape, dt) in shapes.items():
