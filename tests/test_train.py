@@ -99,3 +99,25 @@ def test_resume_continues_bit_for_bit(tmp_path):
         train(TrainConfig(epochs=3, seed=6), tr, te, tmp_path / "cut", progress=False, resume=True)
     with pytest.raises(UserError, match="no epoch-E.pt checkpoints"):
         train(settings, tr, te, tmp_path / "empty", progress=False, resume=True)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "view"])
+def test_predictor_matches_the_model_and_leaves_it_untouched(arch):
+    """Batched inference runs channels-last on the CPU (faster convolutions) with the model's own values to float
+    rounding; a model whose code refuses that layout (a view after a convolution) falls back; the user's parameters
+    keep their layout."""
+    from tests.nets import ViewNet
+    from trainfluence.predict import Predictor
+
+    torch.manual_seed(0)
+    model = (build_model("cnn", 5, 3, 16) if arch == "cnn" else ViewNet(3, 16, 5)).eval()
+    x = torch.randn(37, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    predict = Predictor(model)
+    assert predict.layout  # channels-last copies of the 4-D weights, planned for both
+    got = predict(x)
+    assert bool(predict.layout) == (arch == "cnn")  # ViewNet refused the layout and runs in the default one
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not got.requires_grad

@@ -20,6 +20,7 @@ from .data import DataConfig, load_dataset
 from .explain import explain
 from .files import write_json
 from .influence import InfluenceEngine
+from .predict import Predictor, batch_size
 from .progress import write
 from .report import html
 from .report.figures import plt, save_figure
@@ -79,9 +80,9 @@ def run_demo(out: Path, settings: DemoSettings, device: torch.device, cache_dir:
     _stage(timings, "gradient store", t0)
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        x, y = test_set.tensors(device=device)
-        pred = torch.cat([ckpt.model(x[i : i + 512]) for i in range(0, len(x), 512)]).argmax(1).cpu()
+    x, y = test_set.tensors(device=device)
+    predict, step = Predictor(ckpt.model.eval()), batch_size(device)
+    pred = torch.cat([predict(x[i : i + step]) for i in range(0, len(x), step)]).argmax(1).cpu()
     wrong = torch.nonzero(pred != test_set.labels).flatten().tolist()
     right = torch.nonzero(pred == test_set.labels).flatten().tolist()
     half = settings.explain // 2

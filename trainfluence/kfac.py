@@ -42,6 +42,7 @@ from torch.func import grad, vmap
 from .checks import FIX_MODEL, require_finite
 from .data.source import ExampleSource
 from .gradients import DEFAULT_MEMORY_BUDGET, activation_numel
+from .layout import channels_last_copies
 from .linalg import symmetric_eigh
 from .objective import FunctionalModel, Objective
 from .progress import bar
@@ -99,19 +100,15 @@ def norm_gradients(bn: nn.BatchNorm2d, inp: torch.Tensor, delta: torch.Tensor) -
 
 
 def channels_last_params(fm: FunctionalModel, has_conv: bool) -> dict[str, torch.Tensor]:
-    """Channels-last copies of ``fm``'s 4-D parameters, for a hooked pass over a model with convolutions on the
-    CPU; empty (run in the default layout) elsewhere.  The one place that layout is chosen for the hooked passes
-    (the factored projection, the K-FAC and EK-FAC fits).
+    """Channels-last copies of ``fm``'s 4-D parameters for a hooked pass (the factored projection, the K-FAC and
+    EK-FAC fits), as :func:`~trainfluence.layout.channels_last_copies` decides; ``fm`` and the user's model are
+    untouched.
 
-    oneDNN's CPU convolutions run faster channels-last, but only if every tensor of the pass keeps that layout: the
-    passes also make each hooked convolution's output channels-last, because a 1-channel input (MNIST) makes the
-    first convolution return the default layout and the elementwise backward that follows then gets mixed layouts.
-    Measured by hand on the default CNN at batch 64 (2 cores): a [64, 24, 28, 28] → 32-channel convolution 5.2 ms
-    against 13.8 ms; a ReLU backward given mixed layouts 6.3 ms against 0.63 ms in one layout.  ``fm`` and the
-    user's model are untouched."""
-    if fm.device.type != "cpu" or not has_conv:
-        return {}
-    return {n: p.contiguous(memory_format=torch.channels_last) for n, p in fm.params.items() if p.dim() == 4}
+    The passes also make each hooked convolution's output channels-last: a 1-channel input (MNIST) makes the first
+    convolution return the default layout, and the elementwise backward that follows then gets mixed layouts —
+    measured by hand on the default CNN at batch 64 (2 cores), a ReLU backward given mixed layouts 6.3 ms against
+    0.63 ms in one layout."""
+    return channels_last_copies(fm.params, fm.device, has_conv)
 
 
 def _channel_gram(x: torch.Tensor) -> torch.Tensor:

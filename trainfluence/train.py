@@ -29,6 +29,7 @@ from .dynamics import MAX_ENTRIES, images_fingerprint, save_record
 from .errors import UserError
 from .files import write_json
 from .models import build_model, count_parameters
+from .predict import Predictor, batch_size
 from .progress import bar, write
 from .settings import to_dict, validate
 from .settings.train import TrainConfig
@@ -37,14 +38,15 @@ __all__ = ["TrainConfig", "evaluate", "train", "epoch_checkpoints"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageDataset, device: torch.device | str = "cpu", batch_size: int = 512) -> dict[str, float]:
+def evaluate(model: nn.Module, dataset: ImageDataset, device: torch.device | str = "cpu") -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` (in eval mode) on ``dataset``'s labels."""
     was_training = model.training
     model.eval()
+    predict, step = Predictor(model), batch_size(device)
     correct, total_loss = 0, 0.0
-    for start in range(0, len(dataset), batch_size):
-        x, y = dataset.tensors(slice(start, start + batch_size), device)
-        logits = model(x)
+    for start in range(0, len(dataset), step):
+        x, y = dataset.tensors(slice(start, start + step), device)
+        logits = predict(x)
         correct += int((logits.argmax(1) == y).sum())
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
     model.train(was_training)

@@ -48,6 +48,7 @@ from ..errors import UserError
 from ..gradients import GradientComputer
 from ..influence import InfluenceEngine
 from ..objective import FunctionalModel, Objective
+from ..predict import Predictor, batch_size
 from ..progress import bar
 from ..settings.audit import SCORE_NAMES
 from ..train import epoch_checkpoints
@@ -85,9 +86,10 @@ def rank_average(*scores: np.ndarray) -> np.ndarray:
 
 # ---- what the scores need, computed once ----------------------------------------------------------------
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, data: ImageDataset, device: torch.device | str, batch: int = 1024) -> np.ndarray:
+def predict_proba(model: torch.nn.Module, data: ImageDataset, device: torch.device | str) -> np.ndarray:
     model.eval()
-    out = [torch.softmax(model(data.tensors(slice(i, i + batch), device)[0]), 1).cpu() for i in range(0, len(data), batch)]
+    predict, step = Predictor(model), batch_size(device)
+    out = [torch.softmax(predict(data.tensors(slice(i, i + step), device)[0]), 1).cpu() for i in range(0, len(data), step)]
     return torch.cat(out).double().numpy()
 
 

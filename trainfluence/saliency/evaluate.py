@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from ..predict import Predictor
 from ..progress import bar
 from . import attribute_full
 from .base import evaluating
@@ -51,9 +52,10 @@ def best_method(results: dict[str, dict[str, float]]) -> str:
 
 
 @torch.no_grad()
-def deletion_insertion(model: nn.Module, x: torch.Tensor, imp: torch.Tensor, classes: torch.Tensor,
+def deletion_insertion(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, imp: torch.Tensor, classes: torch.Tensor,
                        steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image deletion and insertion AUCs for importance maps ``imp`` [B, H, W]."""
+    """Per-image deletion and insertion AUCs for importance maps ``imp`` [B, H, W]; ``model``: the model or its
+    :class:`~trainfluence.predict.Predictor`."""
     b, c, h, w = x.shape
     order = torch.argsort(imp.reshape(b, -1), dim=1, descending=True, stable=True)
     blurred = gaussian_blur(x, sigma=3.0)
@@ -85,8 +87,9 @@ def evaluate_methods(model: nn.Module, x: torch.Tensor, boxes: torch.Tensor | No
                      steps: int = 32, seed: int = 0) -> dict[str, dict[str, float]]:
     """Localisation and faithfulness of each method (and a random map) on images ``x`` for the predicted class."""
     settings = settings or {}
-    with torch.no_grad(), evaluating(model):
-        classes = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    predict = Predictor(model)
+    with evaluating(model):
+        classes = torch.cat([predict(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
     results: dict[str, dict[str, float]] = {}
     for method in bar([*methods, RANDOM], desc="saliency evaluation", unit="method"):
         hits, ious, dels, ins, seconds = [], [], [], [], 0.0
@@ -96,7 +99,7 @@ def evaluate_methods(model: nn.Module, x: torch.Tensor, boxes: torch.Tensor | No
             imp = _maps(model, xb, method, cb, settings, seed + start)
             seconds += time.perf_counter() - t0
             with evaluating(model):
-                d, i = deletion_insertion(model, xb, imp, cb, steps)
+                d, i = deletion_insertion(predict, xb, imp, cb, steps)
             dels += d.tolist()
             ins += i.tolist()
             if boxes is not None:
