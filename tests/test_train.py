@@ -121,3 +121,36 @@ def test_predictor_matches_the_model_and_leaves_it_untouched(arch):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert all(p.is_contiguous() for p in model.parameters())
     assert not got.requires_grad
+
+
+def test_training_layout_falls_back_and_checkpoints_keep_the_default_layout(tmp_path):
+    """The training loop's own model runs channels-last on the CPU when its code accepts it (a view after a
+    convolution does not: it stays in the default layout); checkpoints are written in the default layout either way,
+    with the same values."""
+    from tests.nets import ViewNet
+    from trainfluence.layout import train_channels_last
+
+    probe = torch.randn(2, 3, 16, 16)
+    view = ViewNet(3, 16, 5)
+    assert not train_channels_last(view, probe)
+    assert all(p.is_contiguous() for p in view.parameters())
+    assert view.training  # the probe left the mode as it was
+
+    torch.manual_seed(0)
+    cnn = build_model("cnn", 5, 3, 16)
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    assert train_channels_last(cnn, probe)
+    assert cnn.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())  # conversion kept the values
+    train(TrainConfig(epochs=1, seed=0), *_tiny_shapes(), tmp_path / "run", progress=False)
+    meta = load_checkpoint(tmp_path / "run" / "final.pt").meta
+    save_checkpoint(tmp_path / "cl.pt", cnn, meta)
+    blob = torch.load(tmp_path / "cl.pt", weights_only=True)
+    assert all(t.is_contiguous() for t in blob["state_dict"].values())
+    assert all(torch.equal(before[k], blob["state_dict"][k]) for k in before)
+    assert torch.equal(load_checkpoint(tmp_path / "cl.pt").model.features[0].weight, before["features.0.weight"])
+
+
+def _tiny_shapes():
+    cfg = DataConfig("shapes", train_size=64, test_size=16, image_size=16)
+    return load_dataset(cfg, "train"), load_dataset(cfg, "test")

