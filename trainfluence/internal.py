@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .predict import Predictor, batch_size
 from .saliency.base import evaluating
 from .saliency.integrated import quadrature
 from .saliency.targets import Target, capture, named_module
@@ -138,15 +139,17 @@ def binary_separation(logits: torch.Tensor, labels: torch.Tensor, cls: int) -> d
 
 @torch.no_grad()
 def class_essence(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, cls: int, ranking: torch.Tensor,
-                  ks: list[int], *, random_draws: int = 5, seed: int = 0, batch_size: int = 512) -> dict[str, list]:
+                  ks: list[int], *, random_draws: int = 5, seed: int = 0) -> dict[str, list]:
     """Binary accuracy/AUC of class ``cls`` vs the rest (:func:`binary_separation`) when only the top-k units of
     ``ranking`` are kept, for each k, beside the mean over ``random_draws`` sets of k random units."""
     channels = len(ranking)
     gen = torch.Generator().manual_seed(seed)
+    predict = Predictor(model)
 
     def evaluate(keep: torch.Tensor) -> dict[str, float]:
-        with evaluating(model), keep_units(model, layer, keep):
-            logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        with evaluating(model), keep_units(model, layer, keep):  # the predictor runs the model's hooks too
+            step = batch_size(x.device)
+            logits = torch.cat([predict(x[i : i + step]) for i in range(0, len(x), step)])
         return binary_separation(logits, y, cls)
 
     rows: dict[str, list] = {"k": [], "top_accuracy": [], "top_auc": [], "top_argmax_accuracy": [], "random_accuracy": [],
