@@ -38,9 +38,9 @@ def train_channels_last(model: torch.nn.Module, probe: torch.Tensor) -> bool:
     first = next(model.parameters(), None)
     if first is None or not wants_channels_last(first.device, has_convolution(model)):
         return False
+    was_training = model.training
     model.to(memory_format=torch.channels_last)
     try:
-        was_training = model.training
         model.eval()
         with torch.no_grad():
             model(probe.contiguous(memory_format=torch.channels_last))

@@ -11,8 +11,6 @@ model itself is not converted), in the default layout when its code needs it.  B
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
-
 import torch
 
 from .layout import channels_last_copies, has_convolution
@@ -40,15 +38,11 @@ class Predictor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout:
             try:
-                return torch.func.functional_call(self.model, self.layout, (x.contiguous(memory_format=torch.channels_last),)
-                                                  if x.dim() == 4 else (x,), strict=False)
+                args = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x,)
+                return torch.func.functional_call(self.model, self.layout, args)
             except RuntimeError:  # the model's code needs the default layout (e.g. a view after a convolution)
                 self.layout = {}
         return self.model(x)
-
-    def batches(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        for x in batches:
-            yield self(x)
 
 
 __all__ = ["CPU_BATCH", "GPU_BATCH", "Predictor", "batch_size"]
