@@ -19,3 +19,8 @@ class ViewNet(nn.Module):
 
     def forward(self, x):
         return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).view(len(x), -1))
+
+
+def view_net(num_classes: int, in_channels: int, image_size: int) -> ViewNet:
+    """:class:`ViewNet` as a ``module:callable`` factory for ``--arch`` (``tests.nets:view_net``)."""
+    return ViewNet(in_channels, image_size, num_classes)

@@ -104,29 +104,29 @@ def test_resume_continues_bit_for_bit(tmp_path):
 @pytest.mark.parametrize("arch", ["cnn", "view"])
 def test_predictor_matches_the_model_and_leaves_it_untouched(arch):
     """Batched inference runs channels-last on the CPU (faster convolutions) with the model's own values to float
-    rounding; a model whose code refuses that layout (a view after a convolution) falls back; the user's parameters
-    keep their layout."""
+    rounding, over several batches; a model whose code refuses that layout (a view after a convolution) falls back;
+    the user's parameters keep their layout."""
     from tests.nets import ViewNet
-    from trainfluence.predict import Predictor
+    from trainfluence.predict import CPU_BATCH, Predictor
 
     torch.manual_seed(0)
     model = (build_model("cnn", 5, 3, 16) if arch == "cnn" else ViewNet(3, 16, 5)).eval()
-    x = torch.randn(37, 3, 16, 16)
+    x = torch.randn(2 * CPU_BATCH + 37, 3, 16, 16)
     with torch.no_grad():
         expected = model(x)
     predict = Predictor(model)
     assert predict.layout  # channels-last copies of the 4-D weights, planned for both
     got = predict(x)
     assert bool(predict.layout) == (arch == "cnn")  # ViewNet refused the layout and runs in the default one
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert all(p.is_contiguous() for p in model.parameters())
     assert not got.requires_grad
 
 
-def test_training_layout_falls_back_and_checkpoints_keep_the_default_layout(tmp_path):
+def test_training_runs_channels_last_when_the_model_accepts_it_and_writes_the_default_layout(tmp_path):
     """The training loop's own model runs channels-last on the CPU when its code accepts it (a view after a
-    convolution does not: it stays in the default layout); checkpoints are written in the default layout either way,
-    with the same values."""
+    convolution does not: it trains in the default layout); the conversion keeps the values and the mode;
+    checkpoints are written in the default layout either way."""
     from tests.nets import ViewNet
     from trainfluence.layout import train_channels_last
 
@@ -135,20 +135,20 @@ def test_training_layout_falls_back_and_checkpoints_keep_the_default_layout(tmp_
     assert not train_channels_last(view, probe)
     assert all(p.is_contiguous() for p in view.parameters())
     assert view.training  # the probe left the mode as it was
-
     torch.manual_seed(0)
     cnn = build_model("cnn", 5, 3, 16)
     before = {k: v.clone() for k, v in cnn.state_dict().items()}
-    assert train_channels_last(cnn, probe)
+    assert train_channels_last(cnn, probe) and cnn.training
     assert cnn.features[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())  # conversion kept the values
-    train(TrainConfig(epochs=1, seed=0), *_tiny_shapes(), tmp_path / "run", progress=False)
-    meta = load_checkpoint(tmp_path / "run" / "final.pt").meta
-    save_checkpoint(tmp_path / "cl.pt", cnn, meta)
-    blob = torch.load(tmp_path / "cl.pt", weights_only=True)
-    assert all(t.is_contiguous() for t in blob["state_dict"].values())
-    assert all(torch.equal(before[k], blob["state_dict"][k]) for k in before)
-    assert torch.equal(load_checkpoint(tmp_path / "cl.pt").model.features[0].weight, before["features.0.weight"])
+    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+
+    data = _tiny_shapes()
+    for arch, expected in (("cnn", True), ("tests.nets:view_net", False)):
+        result = train(TrainConfig(epochs=1, seed=0, arch=arch), *data, tmp_path / arch, progress=False)
+        assert result["channels_last"] is expected, arch
+        blob = torch.load(tmp_path / arch / "final.pt", weights_only=True)
+        assert all(t.is_contiguous() for t in blob["state_dict"].values()), arch
+        assert load_checkpoint(tmp_path / arch / "final.pt", arch=arch).model is not None
 
 
 def _tiny_shapes():

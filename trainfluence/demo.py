@@ -20,7 +20,7 @@ from .data import DataConfig, load_dataset
 from .explain import explain
 from .files import write_json
 from .influence import InfluenceEngine
-from .predict import Predictor, batch_size
+from .predict import Predictor
 from .progress import write
 from .report import html
 from .report.figures import plt, save_figure
@@ -81,8 +81,7 @@ def run_demo(out: Path, settings: DemoSettings, device: torch.device, cache_dir:
 
     t0 = time.perf_counter()
     x, y = test_set.tensors(device=device)
-    predict, step = Predictor(ckpt.model.eval()), batch_size(device)
-    pred = torch.cat([predict(x[i : i + step]) for i in range(0, len(x), step)]).argmax(1).cpu()
+    pred = Predictor(ckpt.model.eval())(x).argmax(1).cpu()
     wrong = torch.nonzero(pred != test_set.labels).flatten().tolist()
     right = torch.nonzero(pred == test_set.labels).flatten().tolist()
     half = settings.explain // 2

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .predict import Predictor, batch_size
+from .predict import Predictor
 from .saliency.base import evaluating
 from .saliency.integrated import quadrature
 from .saliency.targets import Target, capture, named_module
@@ -148,8 +148,7 @@ def class_essence(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor
 
     def evaluate(keep: torch.Tensor) -> dict[str, float]:
         with evaluating(model), keep_units(model, layer, keep):  # the predictor runs the model's hooks too
-            step = batch_size(x.device)
-            logits = torch.cat([predict(x[i : i + step]) for i in range(0, len(x), step)])
+            logits = predict(x)
         return binary_separation(logits, y, cls)
 
     rows: dict[str, list] = {"k": [], "top_accuracy": [], "top_auc": [], "top_argmax_accuracy": [], "random_accuracy": [],

@@ -42,7 +42,7 @@ from torch.func import grad, vmap
 from .checks import FIX_MODEL, require_finite
 from .data.source import ExampleSource
 from .gradients import DEFAULT_MEMORY_BUDGET, activation_numel
-from .layout import channels_last_copies
+from .layout import channels_last_copies, wants_channels_last
 from .linalg import symmetric_eigh
 from .objective import FunctionalModel, Objective
 from .progress import bar
@@ -101,14 +101,14 @@ def norm_gradients(bn: nn.BatchNorm2d, inp: torch.Tensor, delta: torch.Tensor) -
 
 def channels_last_params(fm: FunctionalModel, has_conv: bool) -> dict[str, torch.Tensor]:
     """Channels-last copies of ``fm``'s 4-D parameters for a hooked pass (the factored projection, the K-FAC and
-    EK-FAC fits), as :func:`~trainfluence.layout.channels_last_copies` decides; ``fm`` and the user's model are
+    EK-FAC fits), as :func:`~trainfluence.layout.wants_channels_last` decides; ``fm`` and the user's model are
     untouched.
 
     The passes also make each hooked convolution's output channels-last: a 1-channel input (MNIST) makes the first
     convolution return the default layout, and the elementwise backward that follows then gets mixed layouts —
     measured by hand on the default CNN at batch 64 (2 cores), a ReLU backward given mixed layouts 6.3 ms against
     0.63 ms in one layout."""
-    return channels_last_copies(fm.params, fm.device, has_conv)
+    return channels_last_copies(fm.params, wants_channels_last(fm.device, has_conv))
 
 
 def _channel_gram(x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .errors import UserError
 from .files import write_json
 from .layout import train_channels_last
 from .models import build_model, count_parameters
-from .predict import Predictor, batch_size
+from .predict import Predictor
 from .progress import bar, write
 from .settings import to_dict, validate
 from .settings.train import TrainConfig
@@ -43,11 +43,8 @@ def evaluate(model: nn.Module, dataset: ImageDataset, device: torch.device | str
     """Accuracy and mean cross-entropy of ``model`` (in eval mode) on ``dataset``'s labels."""
     was_training = model.training
     model.eval()
-    predict, step = Predictor(model), batch_size(device)
     correct, total_loss = 0, 0.0
-    for start in range(0, len(dataset), step):
-        x, y = dataset.tensors(slice(start, start + step), device)
-        logits = predict(x)
+    for logits, y in Predictor(model).over(dataset, device):
         correct += int((logits.argmax(1) == y).sum())
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
     model.train(was_training)
@@ -127,7 +124,8 @@ def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | No
             write(f"note: {out} also holds {', '.join(others)} from another run; they are not part of this one "
                   "(TracIn reads only this run's checkpoints)")
     x_all, y_all = train_set.tensors(device=device)
-    if train_channels_last(model, x_all[:2]):  # faster convolutions on the CPU (layout.py); same function
+    channels_last = train_channels_last(model, x_all[:2])  # faster convolutions on the CPU (layout.py); same function
+    if channels_last:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     n = len(train_set)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -203,6 +201,7 @@ def train(cfg: TrainConfig, train_set: ImageDataset, test_set: ImageDataset | No
         "train_accuracy": history[-1]["train_accuracy"],
         "test_accuracy": history[-1]["test_accuracy"],
         "seconds": time.perf_counter() - started,
+        "channels_last": channels_last,  # the layout the steps ran in (checkpoints are written in the default one)
         "checkpoints": [f"epoch-{e}.pt" for e in range(1, cfg.epochs + 1)] + ["final.pt"],
     }
     write_json(out / "metrics.json", result)

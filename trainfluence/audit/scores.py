@@ -48,7 +48,7 @@ from ..errors import UserError
 from ..gradients import GradientComputer
 from ..influence import InfluenceEngine
 from ..objective import FunctionalModel, Objective
-from ..predict import Predictor, batch_size
+from ..predict import Predictor
 from ..progress import bar
 from ..settings.audit import SCORE_NAMES
 from ..train import epoch_checkpoints
@@ -88,8 +88,7 @@ def rank_average(*scores: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, data: ImageDataset, device: torch.device | str) -> np.ndarray:
     model.eval()
-    predict, step = Predictor(model), batch_size(device)
-    out = [torch.softmax(predict(data.tensors(slice(i, i + step), device)[0]), 1).cpu() for i in range(0, len(data), step)]
+    out = [torch.softmax(logits, 1).cpu() for logits, _ in Predictor(model).over(data, device)]
     return torch.cat(out).double().numpy()
 
 
