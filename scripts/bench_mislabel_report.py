@@ -42,7 +42,8 @@ def cell_scores(c: dict) -> dict[str, np.ndarray]:
 
         s["cleanlab"] = -get_label_quality_scores(labels, c["cv_probs"], method="self_confidence")
     el = early_learning(labels, dyn.probabilities(), final)
-    s["fused"] = rank_average(*(s[n] for n in fused_names(el.memorised)))
+    known = el.predicted_share(labels, c["checkpoint_probs"][el.epoch].astype(np.float64))
+    s["fused"] = rank_average(*(s[n] for n in fused_names(el.memorised - known)))
     return s
 
 
@@ -62,6 +63,7 @@ def cell_metrics(c: dict) -> dict:
     el = early_learning(labels, dyn.probabilities(), sources["final model"])
     out["estimates"]["least memorised epoch (default)"] = el.estimate.rate
     out["memorised"] = el.memorised
+    out["known_at_t"] = el.predicted_share(labels, c["checkpoint_probs"][el.epoch].astype(np.float64))
     per_epoch = el.rates
     per_ckpt = [estimate_noise(labels, p.astype(np.float64)).rate for p in c["checkpoint_probs"]]
     out["estimates"]["max over epochs ≥ 2 (minibatch)"] = max(per_epoch[1:] or per_epoch)
@@ -109,9 +111,9 @@ def report(args) -> str:
             "Recall at budget: the share of the flipped labels among the top k = (number flipped) of the ranking. "
             f"cleanlab: self-confidence on out-of-fold probabilities ({args.folds}-fold, {args.cv_epochs}-epoch models, "
             "the same in both epoch columns). self_influence: last layer, exact solve, damping 0.01. "
-            f"fused (the audit's default ranking) = rank average of {' + '.join(FUSED_FINAL)} when the final model predicts "
-            f"fewer than {MEMORISED:.0%} of the labels confident learning flags at the least memorised epoch, else of "
-            f"{' + '.join(FUSED_MEMORISED)}.", ""]
+            f"fused (the audit's default ranking) = rank average of {' + '.join(FUSED_FINAL)} when, of the labels "
+            "confident learning flags at the least memorised epoch t, the final model predicts a share less than "
+            f"{MEMORISED:.0%} above the share t's checkpoint predicts, else of {' + '.join(FUSED_MEMORISED)}.", ""]
     cols = [f"{k}{r}% {e}ep" for k, r, e in keys]
     lines = ["**Recall at the true noise budget** (higher is better; **bold**: best in the column)", "",
              "| score | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -147,6 +149,11 @@ def report(args) -> str:
     acc = [f"{k}{r}% {e}ep: train {np.mean([m['meta']['train_accuracy'] for m in results[(k, r, e)]]):.3f} / test "
            f"{np.mean([m['meta']['test_accuracy'] for m in results[(k, r, e)]]):.3f}" for k, r, e in keys]
     lines += ["", "Accuracy on the noisy training labels / clean test labels: " + "; ".join(acc) + "."]
+    mem = [f"{k}{r}% {e}ep: " + ", ".join(f"{m['known_at_t']:.2f} → {m['memorised']:.2f}" for m in results[(k, r, e)])
+           for k, r, e in keys]
+    lines += ["", "Share of the labels flagged at the least memorised epoch t that t's checkpoint → the final model "
+              "predicts, per seed (fused's branch: the difference against the threshold " f"{MEMORISED}): "
+              + "; ".join(mem) + "."]
     return "\n".join(head + lines)
 
 

@@ -68,6 +68,7 @@ def test_audit_finds_most_planted_flips(audited):
     assert audited["report"]["num_flipped"] == 400
     assert m["tracin"]["recall_at_10pct"] >= 0.8 and m["tracin"]["roc_auc"] >= 0.95
     assert m["fused"]["recall_at_10pct"] >= 0.8 and m["aum"]["roc_auc"] >= 0.95 and audited["report"]["rank_by"] == "fused"
+    assert any("that epoch's checkpoint predicts" in n for n in audited["report"]["notes"])  # fused says its branch
     assert m["self_influence"]["recall_at_10pct"] >= 0.8
     assert m["random"]["roc_auc"] == pytest.approx(0.5, abs=0.06)
     assert audited["report"]["suspects"][0]["is_flipped"]
