@@ -27,11 +27,12 @@ average of :data:`FUSED_FINAL` (final margin and AUM); at or above, by :data:`FU
 remembers how hard each label was to fit when the final model no longer shows it).  Chosen by
 scripts/bench_mislabel.py over {uniform, asymmetric, instance} × {10%, 30%} × {3, 20 epochs} (BENCHMARKS.md
 "bench:mislabel"): the final loss and margin are the best single signals until the network memorises and the worst
-after (final loss 0.969 → 0.545 recall for 10% uniform flips), TracIn the reverse.  The share is measured against
-epoch t's checkpoint, not against 0, because some flagged labels are predicted from the first epochs on (30%
-asymmetric flips, learnt as a pattern: 0.22 at t and 0.23 at the end of 3 epochs) while a network that memorises
-may stop at half (30% uniform flips after 20 epochs: 0.00 at t, 0.49 at the end), so the bare final share put
-these two on the wrong sides of one threshold (recall 0.852 against TracIn's 0.983 in that 20-epoch run).
+after (final loss 0.971 → 0.546 recall for 10% uniform flips), TracIn the reverse.  Memorised since t was 0.00–0.01
+in every 3-epoch run of the grid and 0.45–0.88 in every 20-epoch one (3 seeds, commit efda5f9).  The share is
+measured against epoch t's checkpoint, not against 0, because some flagged labels are predicted from the first
+epochs on (30% asymmetric flips, learnt as a pattern: 0.22 at t and 0.23 at the end of 3 epochs) while a network
+that memorises may stop at half (30% uniform flips after 20 epochs: 0.00 at t, 0.49 at the end), so the bare final
+share against ½, the rule before, put the latter on the wrong side (recall 0.852 against TracIn's 0.983).
 Rank averaging needs no calibration between scores of different units.
 """
 

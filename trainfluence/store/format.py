@@ -100,7 +100,7 @@ class GradientStore:
         self.n: int = manifest["n"]
         self.dim: int = manifest["dim"]
         self.chunk_size: int = manifest["key"]["chunk_size"]
-        self.dtype = np.float16 if manifest["key"]["dtype"] == "fp16" else np.float32
+        self.dtype = store_arrays(0, 0, manifest["key"]["dtype"])["grads"][1]  # the one layout decision
         self._arrays: dict[str, np.memmap] = {}
 
     # ---- layout -------------------------------------------------------------------------------------------
