@@ -362,3 +362,37 @@ def test_ensemble_averages_its_members(problem, tmp_path):
     np.testing.assert_array_equal(top.helpful_index, np.argsort(mean, axis=1, kind="stable")[:, :4])
     np.testing.assert_allclose(ensemble.self_influence(), np.mean([InfluenceEngine(m, (x, y), **options).self_influence()
                                                                   for m in (problem["model"], other)], axis=0), rtol=1e-6)
+
+
+def test_low_rank_factors_take_the_pivoted_cholesky_route_with_the_same_result(problem, monkeypatch):
+    """An input factor summed over fewer rows than half its size is decomposed in O(d²r) (pivoted Cholesky, thin
+    SVD, complete QR): the same eigenvalues, a complete orthonormal basis, and the same K-FAC and EK-FAC solves as
+    the dense eigendecomposition."""
+    import trainfluence.kfac as kfac_module
+    from trainfluence.linalg import low_rank_psd_eigh, symmetric_eigh
+
+    g = torch.Generator().manual_seed(0)
+    for d, r in ((60, 7), (30, 0), (20, 20)):
+        X = torch.randn(r, d, generator=g, dtype=torch.float64)
+        M = X.T @ X
+        values, Q = low_rank_psd_eigh(M)
+        torch.testing.assert_close(Q.T @ Q, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close((Q * values) @ Q.T, M, rtol=0, atol=1e-10 * max(1.0, float(M.abs().max())))
+        torch.testing.assert_close(values, torch.linalg.eigvalsh(M).clamp_min(0), rtol=0, atol=1e-10 * max(1.0, float(values.max())))
+        assert (values[: d - r] == 0).all() and (values[d - r :] > 0).all()
+
+    calls: list[int | None] = []
+    original = symmetric_eigh
+    monkeypatch.setattr(kfac_module, "symmetric_eigh", lambda M, rank_bound=None: (calls.append(rank_bound), original(M, rank_bound))[1])
+    mlp = lambda: nn.Sequential(nn.Flatten(), nn.Linear(72, 9), nn.Tanh(), nn.Linear(9, 3))  # noqa: E731
+    source, rows = TensorSource(problem["x"], problem["y"]), np.arange(16)  # 16 rows: the 73 × 73 factor has rank ≤ 16
+    for corrected in (False, True):
+        fm = FunctionalModel(mlp().double().eval(), "all")
+        low = KroneckerCurvature(fm, Objective(), corrected=corrected).fit(source, rows, batch_size=8, progress=False)
+        assert 16 in calls  # the first layer's input factor took the low-rank route
+        monkeypatch.setattr(kfac_module, "symmetric_eigh", lambda M, rank_bound=None: original(M))
+        dense = KroneckerCurvature(fm, Objective(), corrected=corrected).fit(source, rows, batch_size=8, progress=False)
+        monkeypatch.setattr(kfac_module, "symmetric_eigh", lambda M, rank_bound=None: (calls.append(rank_bound), original(M, rank_bound))[1])
+        V = torch.randn(3, fm.dim, generator=g, dtype=torch.float64)
+        for damping in (0.1, 1e-3):
+            torch.testing.assert_close(low.solve(V, damping), dense.solve(V, damping), rtol=1e-8, atol=1e-10)

@@ -390,7 +390,7 @@ class KroneckerCurvature:
             layer.A, layer.S = (A[layer.module] / count).cpu(), (S[layer.module] / count).cpu()
             require_finite(layer.A, f"the K-FAC input factor of {layer.module}", FIX_MODEL)
             require_finite(layer.S, f"the K-FAC output factor of {layer.module}", FIX_MODEL)
-            la, layer.QA = symmetric_eigh(layer.A)
+            la, layer.QA = symmetric_eigh(layer.A, rank_bound=int(count))  # A sums `count` outer products
             ls, layer.QS = symmetric_eigh(layer.S)
             layer.eig = layer.kfac_eig = layer.positions * ls.clamp_min(0)[:, None] * la.clamp_min(0)[None, :]
         for n in self.diagonal:
