@@ -27,6 +27,12 @@ def load_cell(path: Path) -> dict:
     return {k: d[k] for k in d.files}
 
 
+def early_shares(c: dict, dyn: Dynamics):
+    """The cell's :class:`EarlyLearning` and the share of its flagged labels that epoch t's checkpoint predicts."""
+    el = early_learning(c["labels"], dyn.probabilities(), c["checkpoint_probs"][-1].astype(np.float64))
+    return el, el.predicted_share(c["labels"], c["checkpoint_probs"][el.epoch].astype(np.float64))
+
+
 def cell_scores(c: dict) -> dict[str, np.ndarray]:
     labels = c["labels"]
     dyn = Dynamics(c["logits"].astype(np.float32), labels)
@@ -41,8 +47,7 @@ def cell_scores(c: dict) -> dict[str, np.ndarray]:
         from cleanlab.rank import get_label_quality_scores
 
         s["cleanlab"] = -get_label_quality_scores(labels, c["cv_probs"], method="self_confidence")
-    el = early_learning(labels, dyn.probabilities(), final)
-    known = el.predicted_share(labels, c["checkpoint_probs"][el.epoch].astype(np.float64))
+    el, known = early_shares(c, dyn)
     s["fused"] = rank_average(*(s[n] for n in fused_names(el.memorised - known)))
     return s
 
@@ -60,10 +65,9 @@ def cell_metrics(c: dict) -> dict:
         sources["out-of-fold (CV)"] = c["cv_probs"]
     out["true_rate"] = float(flipped.mean())
     out["estimates"] = {k: estimate_noise(labels, p).rate for k, p in sources.items()}
-    el = early_learning(labels, dyn.probabilities(), sources["final model"])
+    el, out["known_at_t"] = early_shares(c, dyn)
     out["estimates"]["least memorised epoch (default)"] = el.estimate.rate
     out["memorised"] = el.memorised
-    out["known_at_t"] = el.predicted_share(labels, c["checkpoint_probs"][el.epoch].astype(np.float64))
     per_epoch = el.rates
     per_ckpt = [estimate_noise(labels, p.astype(np.float64)).rate for p in c["checkpoint_probs"]]
     out["estimates"]["max over epochs ≥ 2 (minibatch)"] = max(per_epoch[1:] or per_epoch)

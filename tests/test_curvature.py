@@ -382,17 +382,21 @@ def test_low_rank_factors_take_the_pivoted_cholesky_route_with_the_same_result(p
         assert (values[: d - r] == 0).all() and (values[d - r :] > 0).all()
 
     calls: list[int | None] = []
-    original = symmetric_eigh
-    monkeypatch.setattr(kfac_module, "symmetric_eigh", lambda M, rank_bound=None: (calls.append(rank_bound), original(M, rank_bound))[1])
+
+    def recorded(M, rank_bound=None):
+        calls.append(rank_bound)
+        return symmetric_eigh(M, rank_bound)
+
     mlp = lambda: nn.Sequential(nn.Flatten(), nn.Linear(72, 9), nn.Tanh(), nn.Linear(9, 3))  # noqa: E731
     source, rows = TensorSource(problem["x"], problem["y"]), np.arange(16)  # 16 rows: the 73 × 73 factor has rank ≤ 16
     for corrected in (False, True):
         fm = FunctionalModel(mlp().double().eval(), "all")
-        low = KroneckerCurvature(fm, Objective(), corrected=corrected).fit(source, rows, batch_size=8, progress=False)
+        fits = {}
+        for route, eigh in (("low", recorded), ("dense", lambda M, rank_bound=None: symmetric_eigh(M))):
+            monkeypatch.setattr(kfac_module, "symmetric_eigh", eigh)
+            fits[route] = KroneckerCurvature(fm, Objective(), corrected=corrected).fit(source, rows, batch_size=8, progress=False)
         assert 16 in calls  # the first layer's input factor took the low-rank route
-        monkeypatch.setattr(kfac_module, "symmetric_eigh", lambda M, rank_bound=None: original(M))
-        dense = KroneckerCurvature(fm, Objective(), corrected=corrected).fit(source, rows, batch_size=8, progress=False)
-        monkeypatch.setattr(kfac_module, "symmetric_eigh", lambda M, rank_bound=None: (calls.append(rank_bound), original(M, rank_bound))[1])
+        low, dense = fits["low"], fits["dense"]
         V = torch.randn(3, fm.dim, generator=g, dtype=torch.float64)
         for damping in (0.1, 1e-3):
             torch.testing.assert_close(low.solve(V, damping), dense.solve(V, damping), rtol=1e-8, atol=1e-10)
