@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--skip-cleanlab", action="store_true")
     ap.add_argument("--phase", choices=("raw", "report", "both"), default="both")
     ap.add_argument("--raw", type=Path, default=Path("runs/bench_mislabel"), help="folder of the per-cell arrays")
+    ap.add_argument("--section", default="mislabel", help="the BENCHMARKS.md section the report replaces")
     args = ap.parse_args()
     torch.set_num_threads(2)
     args.raw.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def main() -> None:
 
         body = report(args)
         print(body)
-        update_section("mislabel", body)
+        update_section(args.section, body)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import numpy as np
 
 from trainfluence.audit.estimate import estimate_noise, suggest_labels
 from trainfluence.audit.metrics import precision_recall_f1_at_k, roc_auc
-from trainfluence.audit.scores import (FUSED_FINAL, FUSED_MEMORISED, MEMORISED, early_learning, fused_names, loss_score,
-                                       margin_score, random_score, rank_average, tracin_score)
+from trainfluence.audit.scores import (FUSED_FINAL, FUSED_MEMORISED, MEMORISED, ONSET, early_learning, fused_names,
+                                       loss_score, margin_score, memorisation_onset, output_gradient_norms,
+                                       random_score, rank_average, tracin_score)
 from trainfluence.dynamics import Dynamics
 
 KINDS = ("uniform", "asymmetric", "instance")
@@ -28,17 +29,24 @@ def load_cell(path: Path) -> dict:
 
 
 def early_shares(c: dict, dyn: Dynamics):
-    """The cell's :class:`EarlyLearning` and the share of its flagged labels that epoch t's checkpoint predicts."""
-    el = early_learning(c["labels"], dyn.probabilities(), c["checkpoint_probs"][-1].astype(np.float64))
-    return el, el.predicted_share(c["labels"], c["checkpoint_probs"][el.epoch].astype(np.float64))
+    """The cell's :class:`EarlyLearning`, the share of its flagged labels that epoch t's checkpoint predicts, and the
+    last epoch before memorisation set in (:func:`memorisation_onset`; None when fused finds none memorised)."""
+    labels, probs = c["labels"], c["checkpoint_probs"]
+    el = early_learning(labels, dyn.probabilities(), probs[-1].astype(np.float64))
+
+    def share(epoch: int) -> float:
+        return el.predicted_share(labels, probs[epoch].argmax(1))
+
+    known = share(el.epoch)
+    memorised = fused_names(el.memorised - known) == FUSED_MEMORISED
+    return el, known, memorisation_onset(share, el.epoch, len(probs) - 1) if memorised else None
 
 
 def cell_scores(c: dict) -> dict[str, np.ndarray]:
     labels = c["labels"]
     dyn = Dynamics(c["logits"].astype(np.float32), labels)
     final = c["checkpoint_probs"][-1].astype(np.float64)
-    onehot = np.eye(final.shape[1])[labels]
-    norms = ((c["checkpoint_probs"].astype(np.float64) - onehot[None]) ** 2).sum(2)
+    norms = np.stack([output_gradient_norms(p.astype(np.float64), labels) for p in c["checkpoint_probs"]])
     s = {"aum": -dyn.aum(), "forgetting": dyn.forgetting(), "avg_loss": dyn.avg_loss(),
          "tracin": tracin_score(norms, c["lrs"]), "self_influence": c["self_influence"],
          "loss": loss_score(final, labels), "margin": margin_score(final, labels),
@@ -47,8 +55,12 @@ def cell_scores(c: dict) -> dict[str, np.ndarray]:
         from cleanlab.rank import get_label_quality_scores
 
         s["cleanlab"] = -get_label_quality_scores(labels, c["cv_probs"], method="self_confidence")
-    el, known = early_shares(c, dyn)
-    s["fused"] = rank_average(*(s[n] for n in fused_names(el.memorised - known)))
+    _el, _known, last = early_shares(c, dyn)
+    if last is None:
+        s["fused"] = rank_average(*(s[n] for n in FUSED_FINAL))
+    else:  # the audit's UNTIL signals, from the saved arrays
+        until = {"aum": -dyn.until(last).aum(), "tracin": tracin_score(norms[: last + 1], c["lrs"][: last + 1])}
+        s["fused"] = rank_average(*(until[n] for n in FUSED_MEMORISED))
     return s
 
 
@@ -65,7 +77,7 @@ def cell_metrics(c: dict) -> dict:
         sources["out-of-fold (CV)"] = c["cv_probs"]
     out["true_rate"] = float(flipped.mean())
     out["estimates"] = {k: estimate_noise(labels, p).rate for k, p in sources.items()}
-    el, out["known_at_t"] = early_shares(c, dyn)
+    el, out["known_at_t"], out["onset"] = early_shares(c, dyn)
     out["estimates"]["least memorised epoch (default)"] = el.estimate.rate
     out["memorised"] = el.memorised
     per_epoch = el.rates
@@ -107,17 +119,21 @@ def report(args) -> str:
     results = {key: [cell_metrics(load_cell(p)) for p in paths] for key, paths in groups.items()}
     keys = sorted(results, key=lambda k: (KINDS.index(k[0]), k[1], k[2]))
     seeds = sorted({len(v) for v in results.values()})
+    seed_ids = sorted({int(p.stem.rsplit("-s", 1)[1]) for paths in groups.values() for p in paths})
     per_cell = ", ".join(f"{k}{r}% {e}ep: {len(results[(k, r, e)])}" for k, r, e in keys) if len(seeds) > 1 else ""
     head = [f"### Mislabel detection across noise regimes: MNIST first {args.train_size:,} training images, default CNN",
             "",
-            f"Each cell: mean ± std over {'/'.join(map(str, seeds))} noise seeds (seeds 0, 1, 2 in that order"
+            f"Each cell: mean ± std over {'/'.join(map(str, seeds))} noise seeds (seeds "
+            f"{', '.join(map(str, seed_ids))} in that order"
             + (f"; seeds per cell — {per_cell}" if per_cell else "") + "). "
             "Recall at budget: the share of the flipped labels among the top k = (number flipped) of the ranking. "
             f"cleanlab: self-confidence on out-of-fold probabilities ({args.folds}-fold, {args.cv_epochs}-epoch models, "
             "the same in both epoch columns). self_influence: last layer, exact solve, damping 0.01. "
             f"fused (the audit's default ranking) = rank average of {' + '.join(FUSED_FINAL)} when, of the labels "
             "confident learning flags at the least memorised epoch t, the final model predicts a share less than "
-            f"{MEMORISED:.0%} above the share t's checkpoint predicts, else of {' + '.join(FUSED_MEMORISED)}.", ""]
+            f"{MEMORISED:.0%} above the share t's checkpoint predicts, else of {' + '.join(FUSED_MEMORISED)} over the "
+            f"epochs before memorisation set in: up to the epoch before the first after t whose checkpoint predicts a "
+            f"share {ONSET:.0%} or more above t's. tracin: over every epoch.", ""]
     cols = [f"{k}{r}% {e}ep" for k, r, e in keys]
     lines = ["**Recall at the true noise budget** (higher is better; **bold**: best in the column)", "",
              "| score | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -153,11 +169,12 @@ def report(args) -> str:
     acc = [f"{k}{r}% {e}ep: train {np.mean([m['meta']['train_accuracy'] for m in results[(k, r, e)]]):.3f} / test "
            f"{np.mean([m['meta']['test_accuracy'] for m in results[(k, r, e)]]):.3f}" for k, r, e in keys]
     lines += ["", "Accuracy on the noisy training labels / clean test labels: " + "; ".join(acc) + "."]
-    mem = [f"{k}{r}% {e}ep: " + ", ".join(f"{m['known_at_t']:.2f} → {m['memorised']:.2f}" for m in results[(k, r, e)])
-           for k, r, e in keys]
+    mem = [f"{k}{r}% {e}ep: " + ", ".join(f"{m['known_at_t']:.2f} → {m['memorised']:.2f}"
+                                         + (f" (epochs 1–{m['onset'] + 1})" if m["onset"] is not None else "")
+                                         for m in results[(k, r, e)]) for k, r, e in keys]
     lines += ["", "Share of the labels flagged at the least memorised epoch t that t's checkpoint → the final model "
-              "predicts, per seed (fused's branch: the difference against the threshold " f"{MEMORISED}): "
-              + "; ".join(mem) + "."]
+              "predicts, per seed (fused's branch: the difference against the threshold " f"{MEMORISED}; when "
+              "memorised, the epochs fused read): " + "; ".join(mem) + "."]
     return "\n".join(head + lines)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from trainfluence.audit.estimate import estimate_noise, suggest_labels
 from trainfluence.audit.metrics import roc_auc
-from trainfluence.audit.scores import SCORES, AuditContext, random_score, rank_average
+from trainfluence.audit.scores import SCORES, AuditContext, predict_proba, random_score, rank_average
 from trainfluence.checkpoint import load_checkpoint
 from trainfluence.data import DataConfig, load_dataset
 from trainfluence.data.noise import confusable_classes, flip_labels, reference_probabilities
@@ -81,6 +81,10 @@ def test_train_records_the_logits_each_step_was_taken_from(tmp_path):
     assert ctx.dynamics.logits.shape == (2, 64, data.num_classes)
     np.testing.assert_allclose(ctx.dynamics.logits[0], expected, atol=2e-2, rtol=1e-2)  # float16 record
     np.testing.assert_allclose(SCORES["aum"](ctx), -ctx.dynamics.aum())
+    # final.pt holds the last epoch's weights: its predictions are the final model's, with no second pass
+    assert ctx.is_final(1) and not ctx.is_final(0) and ctx.model_at(1) is ckpt.model
+    np.testing.assert_array_equal(ctx.predicted_at(1), ctx.probs.argmax(1))
+    np.testing.assert_array_equal(ctx.predicted_at(0), predict_proba(ctx.model_at(0), data, "cpu").argmax(1))
     # an edited record is refused by name, and the fused score falls back to what it can read, saying why
     (tmp_path / "epoch-2.logits.npy").write_bytes((tmp_path / "epoch-1.logits.npy").read_bytes())
     ctx = AuditContext(ckpt, data, torch.device("cpu"), lambda: None)
@@ -151,7 +155,7 @@ def test_early_learning_finds_the_least_memorised_epoch_and_measures_memorisatio
     assert el.epoch == 1 and el.estimate.rate == pytest.approx(flip.mean(), abs=1e-12)
     assert el.rates[3] == 0.0 and el.rates[1] > el.rates[2]  # half memorised: the flips no longer stand out
     assert (el.estimate.flagged == flip).all()
-    assert el.memorised == 1.0 and el.predicted_share(given, knows) == 0.0
+    assert el.memorised == 1.0 and el.predicted_share(given, knows.argmax(1)) == 0.0
     assert early_learning(given, stack, knows).memorised == 0.0
     # fused's branch reads what the final model memorised since t, not its bare share: a run that memorised under
     # half of the flips (20 epochs, 30% uniform flips in the benchmark: 0.00 at t, 0.49 at the end) has memorised;
@@ -160,3 +164,56 @@ def test_early_learning_finds_the_least_memorised_epoch_and_measures_memorisatio
     share = early_learning(given, stack, half).memorised
     assert share == pytest.approx(0.45, abs=0.05) and fused_names(share - 0.0) == FUSED_MEMORISED
     assert fused_names(0.23 - 0.22) == FUSED_FINAL and fused_names(0.0) == FUSED_FINAL
+
+
+def test_memorisation_onset_is_the_epoch_before_the_flagged_share_rises():
+    from trainfluence.audit.scores import ONSET, memorisation_onset
+
+    shares = [0.0, 0.02, 0.03, 0.05, 0.15, 0.4, 0.9]  # t = 1; the share first rises by ONSET at epoch 4
+    read = []
+
+    def share(e: int) -> float:
+        read.append(e)
+        return shares[e]
+
+    assert ONSET == 0.1 and memorisation_onset(share, 1, 6) == 3 and read == [1, 2, 3, 4]  # stops at the first rise
+    assert memorisation_onset(lambda e: shares[e], 4, 6) == 4  # already rising right after t: t itself
+    assert memorisation_onset(lambda e: 0.2, 0, 6) == 6  # never rises: every epoch
+    assert memorisation_onset(lambda e: shares[e], 1, 6, rise=0.025) == 2
+
+
+def test_fused_reads_aum_and_tracin_before_memorisation_when_the_final_model_memorised():
+    """The memorised branch, on a context whose checkpoints' predictions and records are given: flagged labels
+    predicted by 0% at t (epoch 2), 5% at epoch 3, 40% at epoch 4 and 90% at the end (epoch 5), so memorisation sets
+    in at epoch 4 and fused is the rank average of AUM and TracIn over epochs 1–3 — not over all five."""
+    from types import SimpleNamespace
+
+    from trainfluence.audit.estimate import NoiseEstimate
+    from trainfluence.audit.scores import ONSET, EarlyLearning
+
+    rng = np.random.default_rng(0)
+    n, k, epochs = 400, 4, 5
+    labels = rng.integers(0, k, n)
+    flagged = np.zeros(n, bool)
+    flagged[:100] = True
+    wrong = (labels + 1) % k
+    memorised_by = [0.0, 0.0, 0.05, 0.4, 0.9]  # the share of flagged labels each checkpoint predicts
+    predicted = [np.where(flagged & (np.arange(n) >= 100 * share), wrong, labels) for share in memorised_by]
+    metas = [SimpleNamespace(run_id="r", epoch=e + 1, optimizer={"lr": 0.1 * (e + 1)}) for e in range(epochs)]
+    final = SimpleNamespace(path="final.pt", meta=metas[-1])
+    ctx = AuditContext(final, SimpleNamespace(labels=torch.from_numpy(labels)), torch.device("cpu"), lambda: None)
+    ctx._run = [(f"epoch-{e + 1}.pt", metas[e]) for e in range(epochs)]
+    ctx._dynamics = Dynamics(rng.normal(size=(epochs, n, k)).astype(np.float32), labels)
+    ctx._early = EarlyLearning(1, [0.3, 0.25, 0.2, 0.1, 0.0], NoiseEstimate(0.25, 100, np.eye(k) / k, flagged),
+                               memorised=0.9)
+    norms = rng.random((epochs, n))
+    for e in range(epochs):
+        ctx._predicted[e] = predicted[e]
+        ctx._tracin_norms["logits", "", e] = norms[e]
+    assert ctx.is_final(epochs - 1) and not ctx.is_final(epochs - 2)
+    lrs = np.array([0.1, 0.2, 0.3])
+    expected = rank_average(-ctx.dynamics.until(2).aum(), lrs @ norms[:3])
+    np.testing.assert_allclose(SCORES["fused"](ctx), expected)
+    assert not np.allclose(expected, rank_average(SCORES["aum"](ctx), SCORES["tracin"](ctx)))
+    assert any(f"epoch 4's checkpoint predicts 40%, {ONSET:.0%} or more above epoch 2's" in note
+               and "aum + tracin over epochs 1–3" in note for note in ctx.notes)

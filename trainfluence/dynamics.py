@@ -76,6 +76,10 @@ class Dynamics:
     logits: np.ndarray  # float32 [T, n, K]
     labels: np.ndarray  # int [n]
 
+    def until(self, epoch: int) -> "Dynamics":
+        """The records of epochs 0 … ``epoch`` (0-based) only: the signals as they stood after that epoch."""
+        return Dynamics(self.logits[: epoch + 1], self.labels)
+
     def _given(self) -> np.ndarray:
         return np.take_along_axis(self.logits, self.labels[None, :, None], 2)[..., 0]  # [T, n]
 

@@ -23,16 +23,23 @@ From checkpoints and the influence engine:
 ``fused`` (the default ranking) first asks whether the final model memorised the noise since the least memorised
 epoch t (:class:`EarlyLearning`): of the labels that confident learning flags at t, the share the final model
 predicts minus the share epoch t's checkpoint already predicted.  Below :data:`MEMORISED` (¼) it ranks by the rank
-average of :data:`FUSED_FINAL` (final margin and AUM); at or above, by :data:`FUSED_MEMORISED` (TracIn, which
-remembers how hard each label was to fit when the final model no longer shows it).  Chosen by
-scripts/bench_mislabel.py over {uniform, asymmetric, instance} × {10%, 30%} × {3, 20 epochs} (BENCHMARKS.md
-"bench:mislabel"): the final loss and margin are the best single signals until the network memorises and the worst
-after (final loss 0.971 → 0.546 recall for 10% uniform flips), TracIn the reverse.  Memorised since t was 0.00–0.01
-in every 3-epoch run of the grid and 0.45–0.88 in every 20-epoch one (3 seeds, commit efda5f9).  The share is
-measured against epoch t's checkpoint, not against 0, because some flagged labels are predicted from the first
-epochs on (30% asymmetric flips, learnt as a pattern: 0.22 at t and 0.23 at the end of 3 epochs) while a network
-that memorises may stop at half (30% uniform flips after 20 epochs: 0.00 at t, 0.49 at the end), so the bare final
-share against ½, the rule before, put the latter on the wrong side (recall 0.852 against TracIn's 0.983).
+average of :data:`FUSED_FINAL` (final margin and AUM).  At or above, by the rank average of
+:data:`FUSED_MEMORISED` (AUM and TracIn) read over the epochs before memorisation set in
+(:func:`memorisation_onset`: up to the epoch before the first after t whose checkpoint predicts :data:`ONSET`, 10
+points, more of those labels than t's).  Chosen by scripts/bench_mislabel.py over {uniform, asymmetric, instance}
+× {10%, 30%} × {3, 20 epochs} (BENCHMARKS.md "bench:mislabel"): the final loss and margin are the best single
+signals until the network memorises and the worst after (final loss 0.971 → 0.546 recall for 10% uniform flips).
+Memorised since t was 0.00–0.01 in every 3-epoch run of the grid and 0.45–0.88 in every 20-epoch one (3 seeds,
+commit efda5f9).  The share is measured against epoch t's checkpoint, not against 0, because some flagged labels
+are predicted from the first epochs on (30% asymmetric flips, learnt as a pattern: 0.22 at t and 0.23 at the end
+of 3 epochs) while a network that memorises may stop at half (30% uniform flips after 20 epochs: 0.00 at t, 0.49 at
+the end), so the bare final share against ½, the rule before, put the latter on the wrong side.  After
+memorisation, every epoch's margins and gradients blur the flips into the clean labels; TracIn over all 20 epochs
+(the memorised branch before) was the best single signal in 5 of the 6 20-epoch cells but 0.033 short of
+cleanlab's cross-validated 0.861 on 30% instance-dependent flips.  Read up to the onset (the first 6 to 12 of
+20 epochs), AUM + TracIn lead TracIn by +0.002 to +0.037 in 5 of those cells and trail it by 0.002 in one
+(asymmetric 10%; 3 seeds), and reach 0.865 on instance-dependent 30%.  On two noise seeds held out from that
+choice (3 and 4): +0.001 to +0.039 in 5 cells, −0.002 in the same one, and 0.865 against cleanlab's 0.870.
 Rank averaging needs no calibration between scores of different units.
 """
 
@@ -97,13 +104,16 @@ def predict_proba(model: torch.nn.Module, data: ImageDataset, device: torch.devi
     return torch.cat(out).double().numpy()
 
 
+def output_gradient_norms(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """‖∇_f ℓ(z)‖² = ‖softmax(f) − onehot(y)‖² per example, from the [n, K] probabilities."""
+    return ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(1)
+
+
 def squared_gradient_norms(model: torch.nn.Module, data: ImageDataset, space: str, params: str,
                            device: torch.device | str) -> np.ndarray:
     """‖∇ℓ(z)‖² per training example, at the model's outputs (``logits``) or over parameters (``params``)."""
     if space == "logits":
-        probs = predict_proba(model, data, device)
-        onehot = np.eye(probs.shape[1])[data.labels.numpy()]
-        return ((probs - onehot) ** 2).sum(1)
+        return output_gradient_norms(predict_proba(model, data, device), data.labels.numpy())
     fm = FunctionalModel(model, params, device=device)
     computer = GradientComputer(fm, Objective())
     x, y = data.tensors()
@@ -125,18 +135,31 @@ class EarlyLearning:
     estimate: NoiseEstimate
     memorised: float
 
-    def predicted_share(self, labels: np.ndarray, probs: np.ndarray) -> float:
-        """The share of the labels flagged at t whose given class ``probs`` ([n, K]) predicts."""
+    def predicted_share(self, labels: np.ndarray, predicted: np.ndarray) -> float:
+        """The share of the labels flagged at t that a model predicting the classes ``predicted`` ([n]) predicts."""
         flagged = self.estimate.flagged
-        return float((probs.argmax(1)[flagged] == labels[flagged]).mean()) if flagged.any() else 0.0
+        return float((predicted[flagged] == labels[flagged]).mean()) if flagged.any() else 0.0
 
 
 def early_learning(labels: np.ndarray, probs_per_epoch: np.ndarray, final_probs: np.ndarray) -> EarlyLearning:
     """:class:`EarlyLearning` from each epoch's [T, n, K] probabilities and the final model's [n, K]."""
     t, rates = least_memorised_epoch(labels, probs_per_epoch)
     el = EarlyLearning(t, rates, estimate_noise(labels, probs_per_epoch[t]), 0.0)
-    el.memorised = el.predicted_share(labels, final_probs)
+    el.memorised = el.predicted_share(labels, final_probs.argmax(1))
     return el
+
+
+def memorisation_onset(share_at: Callable[[int], float], t: int, last: int, rise: float | None = None) -> int:
+    """The last epoch (0-based) before memorisation set in: the epoch before the first e > t whose checkpoint
+    predicts a share of the labels flagged at t (``share_at(e)``, :meth:`EarlyLearning.predicted_share`) at least
+    ``rise`` (default :data:`ONSET`) above the share t's checkpoint predicts; ``last`` when none does.  Reads the
+    epochs from t on, in order, and stops at the first that rose."""
+    rise = ONSET if rise is None else rise
+    base = share_at(t)
+    for e in range(t + 1, last + 1):
+        if share_at(e) - base >= rise:
+            return e - 1
+    return last
 
 
 def fused_names(memorised_since: float) -> tuple[str, ...]:
@@ -158,7 +181,10 @@ class AuditContext:
     arch: str | None = None  # the architecture the user named (for module:callable checkpoints)
     _probs: np.ndarray | None = field(default=None, repr=False)
     _engine: InfluenceEngine | None = field(default=None, repr=False)
-    _tracin_norms: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    # TracIn's squared gradient norms per (space, parameters — '' at the logits —, epoch), and each epoch
+    # checkpoint's predicted classes: what the scores read from a checkpoint, kept; not its [n, K] probabilities
+    _tracin_norms: dict[tuple[str, str, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _predicted: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _run: list[tuple[Path, CheckpointMeta]] | None = field(default=None, repr=False)
     _dynamics: Dynamics | None = field(default=None, repr=False)
     _problems: dict[str, str | None] = field(default_factory=dict, repr=False)
@@ -204,13 +230,28 @@ class AuditContext:
             self._dynamics = Dynamics(logits, self.labels)
         return self._dynamics
 
-    def probs_at_epoch(self, epoch: int) -> np.ndarray:
-        """[n, K] probabilities of the run's checkpoint after epoch ``epoch`` (0-based, as in :attr:`run`) on the
-        training set; not kept (one inference pass)."""
-        path = self.run[epoch][0]
-        if path == self.checkpoint.path:
-            return self.probs
-        return predict_proba(load_checkpoint(path, device=self.device, arch=self.arch).model, self.train, self.device)
+    def is_final(self, epoch: int) -> bool:
+        """Whether the run's checkpoint after ``epoch`` (0-based, as in :attr:`run`) holds the final model's weights:
+        it is that file, or the same run's same epoch (``train`` writes ``final.pt`` from the last epoch's model)."""
+        path, meta = self.run[epoch]
+        final = self.checkpoint.meta
+        return path == self.checkpoint.path or (meta.run_id == final.run_id and meta.epoch == final.epoch)
+
+    def model_at(self, epoch: int) -> torch.nn.Module:
+        """The model of the run's checkpoint after ``epoch``: the final model's own when :meth:`is_final`."""
+        if self.is_final(epoch):
+            return self.checkpoint.model
+        return load_checkpoint(self.run[epoch][0], device=self.device, arch=self.arch).model
+
+    def predicted_at(self, epoch: int) -> np.ndarray:
+        """[n] classes the run's checkpoint after ``epoch`` predicts for the training set.  One inference pass per
+        checkpoint for everything read from its probabilities (kept: these classes and TracIn's norms at the
+        logits), none for the final model's (:attr:`probs`)."""
+        if epoch not in self._predicted:
+            probs = self.probs if self.is_final(epoch) else predict_proba(self.model_at(epoch), self.train, self.device)
+            self._predicted[epoch] = probs.argmax(1)
+            self._tracin_norms["logits", "", epoch] = output_gradient_norms(probs, self.labels)
+        return self._predicted[epoch]
 
     @property
     def early_learning(self) -> EarlyLearning:
@@ -260,25 +301,38 @@ def run_metas(ckpt: Checkpoint, arch: str | None = None) -> tuple[list[tuple[Pat
     return mine, notes
 
 
-def _tracin(ctx: AuditContext) -> np.ndarray:
-    key = (ctx.tracin_space, ctx.tracin_params)
-    if key not in ctx._tracin_norms:  # [T, n] squared norms and the T learning rates, computed once per context
-        norms, lrs = [], []
-        for path, meta in bar(ctx.run, desc=f"tracin ({ctx.tracin_space})", unit="ckpt"):
-            ckpt = ctx.checkpoint if path == ctx.checkpoint.path else load_checkpoint(path, device=ctx.device, arch=ctx.arch)
-            norms.append(squared_gradient_norms(ckpt.model, ctx.train, ctx.tracin_space, ctx.tracin_params, ctx.device))
-            lrs.append(float(meta.optimizer.get("lr", 1.0)))
-        ctx._tracin_norms[key] = (np.stack(norms), np.array(lrs))
-    norms, lrs = ctx._tracin_norms[key]
+def _tracin(ctx: AuditContext, until: int | None = None) -> np.ndarray:
+    """TracIn over the run's checkpoints, or over those after epochs 0 … ``until`` (0-based) only; each
+    checkpoint's norms computed once per context."""
+    epochs = range(len(ctx.run) if until is None else until + 1)
+    space = ctx.tracin_space
+    key = (space, ctx.tracin_params if space == "params" else "")
+    for e in bar([e for e in epochs if (*key, e) not in ctx._tracin_norms], desc=f"tracin ({space})", unit="ckpt"):
+        if space == "logits":
+            ctx.predicted_at(e)  # keeps the norms
+        else:
+            ctx._tracin_norms[(*key, e)] = squared_gradient_norms(ctx.model_at(e), ctx.train, space, ctx.tracin_params,
+                                                                  ctx.device)
+    norms = np.stack([ctx._tracin_norms[(*key, e)] for e in epochs])
+    lrs = np.array([float(ctx.run[e][1].optimizer.get("lr", 1.0)) for e in epochs])
     return tracin_score(norms, lrs if ctx.tracin_weights == "lr" else np.ones_like(lrs))
 
 
-#: ``fused``: the signals averaged when the final model has not memorised the flagged labels, and when it has
+#: ``fused``: the signals averaged when the final model has not memorised the flagged labels (the final model's
+#: margin, AUM over every epoch), and when it has (AUM and TracIn, each over the epochs before memorisation set in)
 FUSED_FINAL = ("margin", "aum")
-FUSED_MEMORISED = ("tracin",)
+FUSED_MEMORISED = ("aum", "tracin")
 #: memorised since the least memorised epoch t: the share of the labels flagged at t that the final model predicts,
 #: minus the share epoch t's checkpoint already predicted; at or above this the final model counts as memorised
 MEMORISED = 0.25
+#: memorisation sets in at the first epoch after t whose checkpoint predicts this much more of that share than t's
+ONSET = 0.10
+
+#: the signals ``fused`` reads over the first epochs only: name → f(context, last epoch read, 0-based)
+UNTIL: dict[str, Callable[[AuditContext, int], np.ndarray]] = {
+    "aum": lambda ctx, e: -ctx.dynamics.until(e).aum(),
+    "tracin": _tracin,
+}
 
 
 def _fused(ctx: AuditContext) -> np.ndarray:
@@ -289,16 +343,27 @@ def _fused(ctx: AuditContext) -> np.ndarray:
             ctx.notes.append(note)
         return rank_average(SCORES["tracin"](ctx))
     el = ctx.early_learning
-    known = el.predicted_share(ctx.labels, ctx.probs_at_epoch(el.epoch))
+
+    def share(epoch: int) -> float:
+        return el.predicted_share(ctx.labels, ctx.predicted_at(epoch))
+
+    known = share(el.epoch)
     names = fused_names(el.memorised - known)
-    memorised = names == FUSED_MEMORISED
     note = (f"fused: of the {int(el.estimate.flagged.sum())} labels the training dynamics flag at epoch {el.epoch + 1} "
-            f"(the least memorised), that epoch's checkpoint predicts {known:.0%} and the final model {el.memorised:.0%} — "
-            + ("it memorised them since: ranked by " if memorised else "it has not memorised them since: ranked by ")
-            + " + ".join(names))
+            f"(the least memorised), that epoch's checkpoint predicts {known:.0%} and the final model {el.memorised:.0%} — ")
+    if names == FUSED_FINAL:
+        note += "it has not memorised them since: ranked by " + " + ".join(names)
+        scores = [SCORES[name](ctx) for name in names]
+    else:
+        last = memorisation_onset(share, el.epoch, len(ctx.run) - 1)
+        rose = (f" (epoch {last + 2}'s checkpoint predicts {share(last + 1):.0%}, {ONSET:.0%} or more above epoch "
+                f"{el.epoch + 1}'s)" if last + 1 < len(ctx.run) else "")
+        note += (f"it memorised them since{rose}: ranked by " + " + ".join(names) + f" over epochs 1–{last + 1}, "
+                 "before it memorised")
+        scores = [UNTIL[name](ctx, last) for name in names]
     if note not in ctx.notes:
         ctx.notes.append(note)
-    return rank_average(*(SCORES[name](ctx) for name in names))
+    return rank_average(*scores)
 
 
 SCORES: dict[str, Callable[[AuditContext], np.ndarray]] = {
@@ -324,5 +389,7 @@ def relabel_self_influence(engine: InfluenceEngine, indices: np.ndarray, num_cla
     return out
 
 
-__all__ = ["FUSED_FINAL", "FUSED_MEMORISED", "MEMORISED", "EarlyLearning", "SCORES", "early_learning", "fused_names", "AuditContext", "rank_average", "loss_score", "margin_score", "tracin_score", "random_score",
-           "relabel_self_influence", "run_metas", "squared_gradient_norms"]
+__all__ = ["FUSED_FINAL", "FUSED_MEMORISED", "MEMORISED", "ONSET", "UNTIL", "AuditContext", "EarlyLearning", "SCORES",
+           "early_learning", "fused_names", "loss_score", "margin_score", "memorisation_onset", "output_gradient_norms",
+           "random_score", "rank_average", "relabel_self_influence", "run_metas", "squared_gradient_norms",
+           "tracin_score"]
