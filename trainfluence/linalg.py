@@ -36,17 +36,18 @@ def low_rank_psd_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Pivoted Cholesky (LAPACK ``pstrf``, stopping at its default tolerance d·ε·max Mᵢᵢ) gives M = BBᵀ with B d × r;
     the thin SVD B = UΣVᵀ gives the nonzero eigenpairs M = UΣ²Uᵀ; a complete QR of U adds an orthonormal basis of
     the null space, whose eigenvalues are 0.  Eigenvalues below the tolerance come out as 0 (``torch.linalg.eigh``
-    returns them as rounding-sized numbers of either sign).  Measured on torchvision's stock resnet18 (2 cores;
-    its stride-2 stem and max-pool leave layer4 one position per 32 × 32 image — the product's small-image
-    ``resnet18`` leaves it 16, so 300 images give its 4,608-wide factors 4,800 outer products and the dense
-    route, BENCHMARKS.md "bench:large_model"): the
-    4,608 × 4,608 input factors of its last convolutions, estimated from 32 images (rank 310–318), took 14–16 s
-    each by ``torch.linalg.eigh`` (one of them failed to converge after 14 s, see :func:`symmetric_eigh`); from
-    300 random images this route took 1.4–2.1 s for each such factor against 15.5–27 s for eigh.  On a synthetic
-    factor of rank 318 its parts, timed one by one, took 0.6 s (pivoted Cholesky), 0.1 s (SVD) and 0.6 s (QR), and
-    it agreed with eigh's reconstruction to 1e-14 and its damped inverse to 2e-10 (relative).  The whole EK-FAC fit of resnet18 over 32
-    random 32 × 32 images: 13.0–15.5 s against 67.6–68.5 s, its solves equal to 8e-5 (damping 0.01) and 8e-4
-    (1e-4) relative, as far apart as two fits by the same route in batches of 8 and 16 (float32 rounding)."""
+    returns them as rounding-sized numbers of either sign).  Measured on torchvision's stock resnet18 (2 cores; its
+    stride-2 stem and max-pool leave layer4 one position per 32 × 32 image — the product's small-image ``resnet18``
+    leaves it 16, so 300 images give its 4,608-wide factors 4,800 outer products and the dense route, BENCHMARKS.md
+    "bench:large_model"): the 4,608 × 4,608 input factors of its last convolutions, estimated from 32 images
+    (numerical rank 310–318 in float64: the outer products are formed in float32, whose rounding lifts it above
+    32), took 14–16 s each by ``torch.linalg.eigh`` (one of them failed to converge after 14 s, see
+    :func:`symmetric_eigh`); from 300 random images this route took 1.4–2.1 s for each such factor against 15.5–27
+    s for eigh.  On a synthetic factor of rank 318 its parts, timed one by one, took 0.6 s (pivoted Cholesky), 0.1
+    s (SVD) and 0.6 s (QR), and it agreed with eigh's reconstruction to 1e-14 and its damped inverse to 2e-10
+    (relative).  The whole EK-FAC fit of resnet18 over 32 random 32 × 32 images: 13.0–15.5 s against 67.6–68.5 s,
+    its solves equal to 8e-5 (damping 0.01) and 8e-4 (1e-4) relative, as far apart as two fits by the same route in
+    batches of 8 and 16 (float32 rounding)."""
     from scipy.linalg.lapack import dpstrf
 
     d = M.shape[0]
