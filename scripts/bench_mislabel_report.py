@@ -30,7 +30,7 @@ def load_cell(path: Path) -> dict:
 
 def early_shares(c: dict, dyn: Dynamics):
     """The cell's :class:`EarlyLearning`, the share of its flagged labels that epoch t's checkpoint predicts, and the
-    last epoch before memorisation set in (:func:`memorisation_onset`; None when fused finds none memorised)."""
+    last epoch before memorisation set in (:func:`memorisation_onset`; None when fused takes the other branch)."""
     labels, probs = c["labels"], c["checkpoint_probs"]
     el = early_learning(labels, dyn.probabilities(), probs[-1].astype(np.float64))
 
@@ -131,9 +131,9 @@ def report(args) -> str:
             "the same in both epoch columns). self_influence: last layer, exact solve, damping 0.01. "
             f"fused (the audit's default ranking) = rank average of {' + '.join(FUSED_FINAL)} when, of the labels "
             "confident learning flags at the least memorised epoch t, the final model predicts a share less than "
-            f"{MEMORISED:.0%} above the share t's checkpoint predicts, else of {' + '.join(FUSED_MEMORISED)} over the "
+            f"{MEMORISED * 100:.0f} points above the share t's checkpoint predicts, else of {' + '.join(FUSED_MEMORISED)} over the "
             f"epochs before memorisation set in: up to the epoch before the first after t whose checkpoint predicts a "
-            f"share {ONSET:.0%} or more above t's. tracin: over every epoch.", ""]
+            f"share {ONSET * 100:.0f} points or more above t's. tracin: over every epoch.", ""]
     cols = [f"{k}{r}% {e}ep" for k, r, e in keys]
     lines = ["**Recall at the true noise budget** (higher is better; **bold**: best in the column)", "",
              "| score | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

@@ -215,5 +215,5 @@ def test_fused_reads_aum_and_tracin_before_memorisation_when_the_final_model_mem
     expected = rank_average(-ctx.dynamics.until(2).aum(), lrs @ norms[:3])
     np.testing.assert_allclose(SCORES["fused"](ctx), expected)
     assert not np.allclose(expected, rank_average(SCORES["aum"](ctx), SCORES["tracin"](ctx)))
-    assert any(f"epoch 4's checkpoint predicts 40%, {ONSET:.0%} or more above epoch 2's" in note
+    assert any(f"epoch 4's checkpoint predicts 40%, {ONSET * 100:.0f} points or more above epoch 2's" in note
                and "aum + tracin over epochs 1–3" in note for note in ctx.notes)

@@ -39,7 +39,8 @@ memorisation, every epoch's margins and gradients blur the flips into the clean 
 cleanlab's cross-validated 0.861 on 30% instance-dependent flips.  Read up to the onset (the first 6 to 12 of
 20 epochs), AUM + TracIn lead TracIn by +0.002 to +0.037 in 5 of those cells and trail it by 0.002 in one
 (asymmetric 10%; 3 seeds), and reach 0.865 on instance-dependent 30%.  On two noise seeds held out from that
-choice (3 and 4): +0.001 to +0.039 in 5 cells, −0.002 in the same one, and 0.865 against cleanlab's 0.870.
+choice (3 and 4): +0.001 to +0.039 in 5 cells, −0.002 in the same one, and 0.865 against cleanlab's 0.870
+(BENCHMARKS.md "bench:mislabel_heldout").
 Rank averaging needs no calibration between scores of different units.
 """
 
@@ -356,7 +357,7 @@ def _fused(ctx: AuditContext) -> np.ndarray:
         scores = [SCORES[name](ctx) for name in names]
     else:
         last = memorisation_onset(share, el.epoch, len(ctx.run) - 1)
-        rose = (f" (epoch {last + 2}'s checkpoint predicts {share(last + 1):.0%}, {ONSET:.0%} or more above epoch "
+        rose = (f" (epoch {last + 2}'s checkpoint predicts {share(last + 1):.0%}, {ONSET * 100:.0f} points or more above epoch "
                 f"{el.epoch + 1}'s)" if last + 1 < len(ctx.run) else "")
         note += (f"it memorised them since{rose}: ranked by " + " + ".join(names) + f" over epochs 1–{last + 1}, "
                  "before it memorised")
