@@ -320,6 +320,9 @@ def main() -> None:
 
     defaults = f"trainfluence defaults (solver auto → {default_solver}, damping {InfluenceSettings().damping})"
     row(defaults)
+    if default_solver in ("ekfac", "kfac"):
+        row(f"trainfluence defaults, {default_solver} labels sampled (one per example)",
+            solver_settings={"labels": "sampled"})
     if args.damping_sweep:  # λ = f × the mean GGN eigenvalue, from the λ the defaults row resolved (f = the default)
         for f in SWEEP_FRACTIONS:
             if f != DAMPING_AUTO_FRACTION:

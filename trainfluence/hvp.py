@@ -134,28 +134,30 @@ class HessianOperator:
                               "the model or its inputs give NaN/Inf curvature — check the checkpoint, or raise --damping")
 
     def kronecker(self, *, corrected: bool = True, samples: int | None = None, batch_size: int = 128,
-                  seed: int = 0) -> "KroneckerCurvature":
+                  seed: int = 0, labels: str = "exact") -> "KroneckerCurvature":
         """The Kronecker-factored (EK-FAC, or K-FAC) Gauss–Newton approximation over this operator's examples (or a
         seeded sample of ``samples`` of them), estimated once and shared by every solver that asks; ``batch_size``
-        examples per batch at most, fewer when ``memory_budget`` holds fewer (:meth:`KroneckerCurvature.batch_within`)."""
+        examples per batch at most, fewer when ``memory_budget`` holds fewer (:meth:`KroneckerCurvature.batch_within`);
+        ``labels``: the output curvature exactly or by one sampled label per example (``KroneckerSettings.labels``)."""
         from .kfac import KroneckerCurvature
 
-        key = (corrected, samples, batch_size, seed)
-        ekfac = (True, samples, batch_size, seed)
+        key = (corrected, samples, batch_size, seed, labels)
+        ekfac = (True, samples, batch_size, seed, labels)
         if key not in self._kronecker and ekfac in self._kronecker:  # K-FAC after EK-FAC (damping auto): its factors
             self._kronecker[key] = self._kronecker[ekfac].uncorrected()
         if key not in self._kronecker:
             idx = self.indices
             if samples is not None and samples < len(idx):
                 idx = np.sort(np.random.default_rng(seed).choice(idx, size=samples, replace=False))
-            kc = KroneckerCurvature(self.fm, self.objective, corrected=corrected)
+            kc = KroneckerCurvature(self.fm, self.objective, corrected=corrected, labels=labels, seed=seed)
             cache = None
             if self.curvature_cache is not None:
                 from .store.curvature import CurvatureCache
 
                 directory, base = self.curvature_cache
                 cache = CurvatureCache(directory, {**base, "corrected": corrected, "examples": fingerprint(idx),
-                                                   "batch_size": batch_size})
+                                                   "batch_size": batch_size, "labels": labels,
+                                                   **({"label_seed": seed} if labels == "sampled" else {})})
             if cache is None or not cache.load(kc):
                 kc.fit(self.source, idx, batch_size=batch_size, memory_budget=self.memory_budget)
                 if cache is not None:

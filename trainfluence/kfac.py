@@ -218,6 +218,8 @@ class KroneckerCurvature:
     fm: FunctionalModel
     objective: Objective
     corrected: bool = True
+    labels: str = "exact"  # exact: H_f's K − 1 factors per example | sampled: one label drawn per example
+    seed: int = 0  # of the sampled labels
     layers: list[_Layer] = field(default_factory=list)
     diagonal: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name → its diagonal estimate
     examples: int = 0
@@ -234,6 +236,7 @@ class KroneckerCurvature:
         self._vmapped = [n for n in self.diagonal if n not in by_hook]
         self._modules = dict(self.fm.module.named_modules())
         self._whitened: tuple[float, list] | None = None  # :meth:`_whitening`'s last result
+        self._generator = torch.Generator().manual_seed(self.seed)  # the sampled labels' (reset by each fit)
 
     # ---- estimation ----------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, layout: dict[str, torch.Tensor], hooked: list[str]):
@@ -274,7 +277,9 @@ class KroneckerCurvature:
 
     def _passes(self, source: ExampleSource, batches: list[np.ndarray], desc: str, progress: bool, norms: bool = False):
         """For every batch: (x, its output cotangents u_c [K − 1, B, K] from
-        :meth:`~trainfluence.objective.Objective.output_hessian_factors`, the hooked modules' inputs, and a generator
+        :meth:`~trainfluence.objective.Objective.output_hessian_factors` — [1, B, K] from
+        :meth:`~trainfluence.objective.Objective.sampled_output_factors` with ``labels="sampled"`` —, the hooked
+        modules' inputs, and a generator
         of one backward pass per u_c: the gradients at the layers' outputs, then (``norms``) at the hooked
         BatchNorms' outputs).
 
@@ -293,7 +298,8 @@ class KroneckerCurvature:
             x, _ = source.tensors(sel)
             logits, inputs, outputs, layout = self._forward_in(x.to(self.fm.device), layout, hooked)
             targets = [outputs[name] for name in hooked]
-            factors = self.objective.output_hessian_factors(logits.detach())
+            factors = (self.objective.output_hessian_factors(logits.detach()) if self.labels == "exact" else
+                       self.objective.sampled_output_factors(logits, self._generator))
 
             def deltas(factors=factors, logits=logits, targets=targets):
                 for c, u in enumerate(factors if targets else []):
@@ -367,6 +373,7 @@ class KroneckerCurvature:
             x, _ = source.tensors(indices[:1])
             batch_size = min(batch_size, self.batch_within(x[0], memory_budget))
         batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        self._generator.manual_seed(self.seed)  # labels="sampled": the same draws for the same examples and batches
         positions = {layer.module: 0.0 for layer in self.layers}
         # products in the model's dtype, sums of batches in float64
         A = {layer.module: 0.0 for layer in self.layers}
@@ -443,7 +450,7 @@ class KroneckerCurvature:
         another pass over the data: EK-FAC keeps K-FAC's eigenvalues beside its own."""
         if not self.corrected:
             return self
-        plain = KroneckerCurvature(self.fm, self.objective, corrected=False)
+        plain = KroneckerCurvature(self.fm, self.objective, corrected=False, labels=self.labels, seed=self.seed)
         plain.layers = [replace(layer, eig=layer.kfac_eig) for layer in self.layers]
         plain.diagonal, plain.examples, plain.batch_size = self.diagonal, self.examples, self.batch_size
         return plain

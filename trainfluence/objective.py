@@ -65,6 +65,14 @@ class Objective:
         factors = vec[..., 1:].flip(-1) * lam[..., 1:].flip(-1).clamp_min(0).sqrt().unsqueeze(-2)  # [B, K, K − 1]
         return factors.permute(2, 0, 1).to(outputs.dtype)
 
+    def sampled_output_factors(self, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """[1, B, K]: one vector u = p − e_y per example with y drawn from the model's own prediction p (on the CPU,
+        from ``generator``), so that E_y[uuᵀ] = diag(p) − ppᵀ = H_f: the Fisher estimated by Monte Carlo with one
+        backward pass, where :meth:`output_hessian_factors` takes K − 1 to give its expectation exactly."""
+        p = torch.softmax(outputs.detach().double(), dim=-1)
+        y = torch.multinomial(p.cpu(), 1, generator=generator)[:, 0].to(p.device)
+        return (p - torch.nn.functional.one_hot(y, p.shape[-1]).double()).unsqueeze(0).to(outputs.dtype)
+
     def regularizer(self, params: Params) -> torch.Tensor:
         """(wd/2) ‖θ‖² over the selected parameters."""
         return 0.5 * self.weight_decay * sum((p * p).sum() for p in params.values())

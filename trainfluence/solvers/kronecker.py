@@ -21,9 +21,10 @@ class KroneckerSolver(Solver):
 
     def curvature(self, op: HessianOperator):
         st = self.settings
-        kc = op.kronecker(corrected=self.corrected, samples=st.samples, batch_size=st.batch_size, seed=st.seed)
+        kc = op.kronecker(corrected=self.corrected, samples=st.samples, batch_size=st.batch_size, seed=st.seed,
+                          labels=st.labels)
         self.report = SolveReport(self.name, True, details={"approximation": self.name, "examples": kc.examples, "batch_size": kc.batch_size,
-                                                            "kronecker_layers": [layer.module for layer in kc.layers],
+                                                            "labels": kc.labels, "kronecker_layers": [layer.module for layer in kc.layers],
                                                             "diagonal_parameters": list(kc.diagonal)})
         return kc
 
