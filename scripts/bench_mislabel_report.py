@@ -14,9 +14,9 @@ import numpy as np
 
 from trainfluence.audit.estimate import estimate_noise, suggest_labels
 from trainfluence.audit.metrics import precision_recall_f1_at_k, roc_auc
-from trainfluence.audit.scores import (FUSED_FINAL, FUSED_MEMORISED, MEMORISED, ONSET, early_learning, fused_names,
-                                       loss_score, margin_score, memorisation_onset, output_gradient_norms,
-                                       random_score, rank_average, tracin_score)
+from trainfluence.audit.scores import (FUSED_FINAL, FUSED_MEMORISED, MEMORISED, ONSET, early_learning, fused_epochs,
+                                       loss_score, margin_score, output_gradient_norms, random_score, rank_average,
+                                       tracin_score)
 from trainfluence.dynamics import Dynamics
 
 KINDS = ("uniform", "asymmetric", "instance")
@@ -29,22 +29,16 @@ def load_cell(path: Path) -> dict:
 
 
 def early_shares(c: dict, dyn: Dynamics):
-    """The cell's :class:`EarlyLearning`, the share of its flagged labels that epoch t's checkpoint predicts, and the
-    last epoch before memorisation set in (:func:`memorisation_onset`; None when fused takes the other branch)."""
+    """The cell's :class:`EarlyLearning` and fused's branch from the saved checkpoints' probabilities
+    (:func:`fused_epochs`: the share epoch t's checkpoint predicts, and the last epoch fused reads or None)."""
     labels, probs = c["labels"], c["checkpoint_probs"]
     el = early_learning(labels, dyn.probabilities(), probs[-1].astype(np.float64))
-
-    def share(epoch: int) -> float:
-        return el.predicted_share(labels, probs[epoch].argmax(1))
-
-    known = share(el.epoch)
-    memorised = fused_names(el.memorised - known) == FUSED_MEMORISED
-    return el, known, memorisation_onset(share, el.epoch, len(probs) - 1) if memorised else None
+    return (el, *fused_epochs(el, lambda e: el.predicted_share(labels, probs[e].argmax(1)), len(probs) - 1))
 
 
-def cell_scores(c: dict) -> dict[str, np.ndarray]:
+def cell_scores(c: dict, dyn: Dynamics, last: int | None) -> dict[str, np.ndarray]:
+    """Every score of a cell, given its dynamics and fused's last epoch (:func:`early_shares`)."""
     labels = c["labels"]
-    dyn = Dynamics(c["logits"].astype(np.float32), labels)
     final = c["checkpoint_probs"][-1].astype(np.float64)
     norms = np.stack([output_gradient_norms(p.astype(np.float64), labels) for p in c["checkpoint_probs"]])
     s = {"aum": -dyn.aum(), "forgetting": dyn.forgetting(), "avg_loss": dyn.avg_loss(),
@@ -55,7 +49,6 @@ def cell_scores(c: dict) -> dict[str, np.ndarray]:
         from cleanlab.rank import get_label_quality_scores
 
         s["cleanlab"] = -get_label_quality_scores(labels, c["cv_probs"], method="self_confidence")
-    _el, _known, last = early_shares(c, dyn)
     if last is None:
         s["fused"] = rank_average(*(s[n] for n in FUSED_FINAL))
     else:  # the audit's UNTIL signals, from the saved arrays
@@ -65,19 +58,19 @@ def cell_scores(c: dict) -> dict[str, np.ndarray]:
 
 
 def cell_metrics(c: dict) -> dict:
-    flipped = c["labels"] != c["clean"]
-    scores = cell_scores(c)
+    flipped, labels = c["labels"] != c["clean"], c["labels"]
+    dyn = Dynamics(c["logits"].astype(np.float32), labels)
+    el, known, last = early_shares(c, dyn)  # once per cell: the scores' fused and the report's shares
+    scores = cell_scores(c, dyn, last)
     out = {"scores": {name: {"recall_at_budget": precision_recall_f1_at_k(s, flipped)["recall"],
                              "roc_auc": roc_auc(s, flipped)} for name, s in scores.items()}}
-    labels = c["labels"]
-    dyn = Dynamics(c["logits"].astype(np.float32), labels)
     sources = {"dynamics, mean over epochs": dyn.mean_probs(), "final model": c["checkpoint_probs"][-1].astype(np.float64),
                "dynamics, first epoch": dyn.probabilities()[0]}
     if "cv_probs" in c:
         sources["out-of-fold (CV)"] = c["cv_probs"]
     out["true_rate"] = float(flipped.mean())
     out["estimates"] = {k: estimate_noise(labels, p).rate for k, p in sources.items()}
-    el, out["known_at_t"], out["onset"] = early_shares(c, dyn)
+    out["known_at_t"], out["onset"] = known, last
     out["estimates"]["least memorised epoch (default)"] = el.estimate.rate
     out["memorised"] = el.memorised
     per_epoch = el.rates
@@ -181,8 +174,13 @@ def report(args) -> str:
 def candidates(raw: Path) -> None:
     """Recall at budget of rank averages of every 2- and 3-subset of the signals, per cell (to choose FUSED)."""
     groups = _cells(raw)
-    per = {key: [cell_scores(load_cell(p)) for p in paths] for key, paths in groups.items()}
-    flips = {key: [np.load(p)["labels"] != np.load(p)["clean"] for p in paths] for key, paths in groups.items()}
+    per, flips = {}, {}
+    for key, paths in groups.items():
+        for path in paths:  # each cell read once
+            c = load_cell(path)
+            dyn = Dynamics(c["logits"].astype(np.float32), c["labels"])
+            per.setdefault(key, []).append(cell_scores(c, dyn, early_shares(c, dyn)[2]))
+            flips.setdefault(key, []).append(c["labels"] != c["clean"])
     names = ["aum", "forgetting", "avg_loss", "tracin", "self_influence", "loss", "margin"]
     combos = [(n,) for n in names + ["cleanlab", "fused"]] + list(itertools.combinations(names, 2)) + list(itertools.combinations(names, 3))
     table = []

@@ -138,7 +138,9 @@ class HessianOperator:
         """The Kronecker-factored (EK-FAC, or K-FAC) Gauss–Newton approximation over this operator's examples (or a
         seeded sample of ``samples`` of them), estimated once and shared by every solver that asks; ``batch_size``
         examples per batch at most, fewer when ``memory_budget`` holds fewer (:meth:`KroneckerCurvature.batch_within`);
-        ``labels``: the output curvature exactly or by one sampled label per example (``KroneckerSettings.labels``)."""
+        ``labels``: the output curvature exactly or by one sampled label per example.  The keywords after
+        ``corrected`` are :class:`~trainfluence.settings.influence.KroneckerSettings`' fields, which the solvers pass
+        whole."""
         from .kfac import KroneckerCurvature
 
         key = (corrected, samples, batch_size, seed, labels)

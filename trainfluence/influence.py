@@ -180,8 +180,7 @@ class InfluenceEngine:
         With the Hessian as curvature, a warning when H + (wd + λ)I is still indefinite (its lowest eigenvalue
         estimated by power iteration on a sample)."""
         st = self.solver.settings  # a Kronecker solver's own factors (its sample), so they are estimated once
-        same = ({"samples": st.samples, "batch_size": st.batch_size, "seed": st.seed, "labels": st.labels}
-                if isinstance(st, KroneckerSettings) else {})
+        same = to_dict(st) if isinstance(st, KroneckerSettings) else {}
         mean = float(op.kronecker(corrected=True, **same).eigenvalues().mean())
         damping = DAMPING_AUTO_FRACTION * mean
         if self.settings.curvature == "hessian":

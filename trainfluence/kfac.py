@@ -236,7 +236,6 @@ class KroneckerCurvature:
         self._vmapped = [n for n in self.diagonal if n not in by_hook]
         self._modules = dict(self.fm.module.named_modules())
         self._whitened: tuple[float, list] | None = None  # :meth:`_whitening`'s last result
-        self._generator = torch.Generator().manual_seed(self.seed)  # the sampled labels' (reset by each fit)
 
     # ---- estimation ----------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, layout: dict[str, torch.Tensor], hooked: list[str]):
@@ -373,7 +372,8 @@ class KroneckerCurvature:
             x, _ = source.tensors(indices[:1])
             batch_size = min(batch_size, self.batch_within(x[0], memory_budget))
         batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-        self._generator.manual_seed(self.seed)  # labels="sampled": the same draws for the same examples and batches
+        # labels="sampled": the draws of this fit's passes (:meth:`_passes`), the same for the same examples and batches
+        self._generator = torch.Generator().manual_seed(self.seed)
         positions = {layer.module: 0.0 for layer in self.layers}
         # products in the model's dtype, sums of batches in float64
         A = {layer.module: 0.0 for layer in self.layers}

@@ -163,6 +163,18 @@ def memorisation_onset(share_at: Callable[[int], float], t: int, last: int, rise
     return last
 
 
+def fused_epochs(el: EarlyLearning, share_at: Callable[[int], float], last: int) -> tuple[float, int | None]:
+    """``fused``'s branch, for the audit and the benchmark alike: (the share of the labels flagged at t that epoch
+    t's checkpoint predicts, and None when the final model has not memorised them since — rank by
+    :data:`FUSED_FINAL` — else the last epoch before memorisation set in, :func:`memorisation_onset`, over which
+    :data:`FUSED_MEMORISED` is read).  ``share_at(e)``: that share at epoch e's checkpoint; ``last``: the last
+    epoch."""
+    known = share_at(el.epoch)
+    if fused_names(el.memorised - known) == FUSED_FINAL:
+        return known, None
+    return known, memorisation_onset(share_at, el.epoch, last)
+
+
 def fused_names(memorised_since: float) -> tuple[str, ...]:
     """The signals ``fused`` averages, given how much of the flagged labels' share the final model predicts
     beyond what the least memorised epoch's checkpoint already predicted (:data:`MEMORISED`)."""
@@ -348,15 +360,15 @@ def _fused(ctx: AuditContext) -> np.ndarray:
     def share(epoch: int) -> float:
         return el.predicted_share(ctx.labels, ctx.predicted_at(epoch))
 
-    known = share(el.epoch)
-    names = fused_names(el.memorised - known)
+    known, last = fused_epochs(el, share, len(ctx.run) - 1)
     note = (f"fused: of the {int(el.estimate.flagged.sum())} labels the training dynamics flag at epoch {el.epoch + 1} "
             f"(the least memorised), that epoch's checkpoint predicts {known:.0%} and the final model {el.memorised:.0%} — ")
-    if names == FUSED_FINAL:
+    if last is None:
+        names = FUSED_FINAL
         note += "it has not memorised them since: ranked by " + " + ".join(names)
         scores = [SCORES[name](ctx) for name in names]
     else:
-        last = memorisation_onset(share, el.epoch, len(ctx.run) - 1)
+        names = FUSED_MEMORISED
         rose = (f" (epoch {last + 2}'s checkpoint predicts {share(last + 1):.0%}, {ONSET * 100:.0f} points or more above epoch "
                 f"{el.epoch + 1}'s)" if last + 1 < len(ctx.run) else "")
         note += (f"it memorised them since{rose}: ranked by " + " + ".join(names) + f" over epochs 1–{last + 1}, "
@@ -391,6 +403,6 @@ def relabel_self_influence(engine: InfluenceEngine, indices: np.ndarray, num_cla
 
 
 __all__ = ["FUSED_FINAL", "FUSED_MEMORISED", "MEMORISED", "ONSET", "UNTIL", "AuditContext", "EarlyLearning", "SCORES",
-           "early_learning", "fused_names", "loss_score", "margin_score", "memorisation_onset", "output_gradient_norms",
+           "early_learning", "fused_epochs", "fused_names", "loss_score", "margin_score", "memorisation_onset", "output_gradient_norms",
            "random_score", "rank_average", "relabel_self_influence", "run_metas", "squared_gradient_norms",
            "tracin_score"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..hvp import HessianOperator
+from ..settings import to_dict
 from ..settings.influence import KroneckerSettings
 from .base import SolveReport, Solver
 
@@ -20,9 +21,7 @@ class KroneckerSolver(Solver):
         super().__init__(settings or KroneckerSettings())
 
     def curvature(self, op: HessianOperator):
-        st = self.settings
-        kc = op.kronecker(corrected=self.corrected, samples=st.samples, batch_size=st.batch_size, seed=st.seed,
-                          labels=st.labels)
+        kc = op.kronecker(corrected=self.corrected, **to_dict(self.settings))  # the settings are the fit's options
         self.report = SolveReport(self.name, True, details={"approximation": self.name, "examples": kc.examples, "batch_size": kc.batch_size,
                                                             "labels": kc.labels, "kronecker_layers": [layer.module for layer in kc.layers],
                                                             "diagonal_parameters": list(kc.diagonal)})
