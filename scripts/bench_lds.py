@@ -323,6 +323,8 @@ def main() -> None:
     if default_solver in ("ekfac", "kfac"):
         row(f"trainfluence defaults, {default_solver} labels sampled (one per example)",
             solver_settings={"labels": "sampled"})
+        row(f"trainfluence defaults, {default_solver} trace tol 0 (every one of H_f's K − 1 directions)",
+            solver_settings={"trace_tol": 0.0})
     if args.damping_sweep:  # λ = f × the mean GGN eigenvalue, from the λ the defaults row resolved (f = the default)
         for f in SWEEP_FRACTIONS:
             if f != DAMPING_AUTO_FRACTION:

@@ -35,6 +35,7 @@ CURVATURES = ("hessian", "ggn")
 
 if TYPE_CHECKING:
     from .kfac import KroneckerCurvature
+    from .settings.influence import KroneckerSettings
 
 
 class HessianOperator:
@@ -133,35 +134,37 @@ class HessianOperator:
         return require_finite(total + self.shift * V, "a Hessian-vector product",
                               "the model or its inputs give NaN/Inf curvature — check the checkpoint, or raise --damping")
 
-    def kronecker(self, *, corrected: bool = True, samples: int | None = None, batch_size: int = 128,
-                  seed: int = 0, labels: str = "exact") -> "KroneckerCurvature":
+    def kronecker(self, *, corrected: bool = True, settings: "KroneckerSettings | None" = None) -> "KroneckerCurvature":
         """The Kronecker-factored (EK-FAC, or K-FAC) Gauss–Newton approximation over this operator's examples (or a
-        seeded sample of ``samples`` of them), estimated once and shared by every solver that asks; ``batch_size``
-        examples per batch at most, fewer when ``memory_budget`` holds fewer (:meth:`KroneckerCurvature.batch_within`);
-        ``labels``: the output curvature exactly or by one sampled label per example.  The keywords after
-        ``corrected`` are :class:`~trainfluence.settings.influence.KroneckerSettings`' fields, which the solvers pass
-        whole."""
+        seeded sample of ``settings.samples`` of them), estimated once per settings and shared by every solver that
+        asks; ``settings.batch_size`` examples per batch at most, fewer when ``memory_budget`` holds fewer
+        (:meth:`KroneckerCurvature.batch_within`); how each example's output curvature enters: ``settings.labels``
+        and ``settings.trace_tol``.  None: :class:`~trainfluence.settings.influence.KroneckerSettings`' defaults."""
         from .kfac import KroneckerCurvature
+        from .settings.influence import KroneckerSettings
 
-        key = (corrected, samples, batch_size, seed, labels)
-        ekfac = (True, samples, batch_size, seed, labels)
+        st = settings or KroneckerSettings()
+        fit = (st.samples, st.batch_size, st.seed, st.labels, st.trace_tol if st.labels == "exact" else None)
+        key, ekfac = (corrected, *fit), (True, *fit)
         if key not in self._kronecker and ekfac in self._kronecker:  # K-FAC after EK-FAC (damping auto): its factors
             self._kronecker[key] = self._kronecker[ekfac].uncorrected()
         if key not in self._kronecker:
             idx = self.indices
-            if samples is not None and samples < len(idx):
-                idx = np.sort(np.random.default_rng(seed).choice(idx, size=samples, replace=False))
-            kc = KroneckerCurvature(self.fm, self.objective, corrected=corrected, labels=labels, seed=seed)
+            if st.samples is not None and st.samples < len(idx):
+                idx = np.sort(np.random.default_rng(st.seed).choice(idx, size=st.samples, replace=False))
+            kc = KroneckerCurvature(self.fm, self.objective, corrected=corrected, labels=st.labels, seed=st.seed,
+                                    trace_tol=st.trace_tol)
             cache = None
             if self.curvature_cache is not None:
                 from .store.curvature import CurvatureCache
 
                 directory, base = self.curvature_cache
                 cache = CurvatureCache(directory, {**base, "corrected": corrected, "examples": fingerprint(idx),
-                                                   "batch_size": batch_size, "labels": labels,
-                                                   **({"label_seed": seed} if labels == "sampled" else {})})
+                                                   "batch_size": st.batch_size, "labels": st.labels,
+                                                   **({"label_seed": st.seed} if st.labels == "sampled" else
+                                                      {"trace_tol": st.trace_tol})})
             if cache is None or not cache.load(kc):
-                kc.fit(self.source, idx, batch_size=batch_size, memory_budget=self.memory_budget)
+                kc.fit(self.source, idx, batch_size=st.batch_size, memory_budget=self.memory_budget)
                 if cache is not None:
                     cache.save(kc)
             self._kronecker[key] = kc

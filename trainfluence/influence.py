@@ -180,8 +180,8 @@ class InfluenceEngine:
         With the Hessian as curvature, a warning when H + (wd + λ)I is still indefinite (its lowest eigenvalue
         estimated by power iteration on a sample)."""
         st = self.solver.settings  # a Kronecker solver's own factors (its sample), so they are estimated once
-        same = to_dict(st) if isinstance(st, KroneckerSettings) else {}
-        mean = float(op.kronecker(corrected=True, **same).eigenvalues().mean())
+        mean = float(op.kronecker(corrected=True, settings=st if isinstance(st, KroneckerSettings) else None)
+                     .eigenvalues().mean())
         damping = DAMPING_AUTO_FRACTION * mean
         if self.settings.curvature == "hessian":
             sample = op.subset(1024)

@@ -49,12 +49,12 @@ class Preconditioner:
         return self.solve(V)
 
 
-def preconditioner(op: HessianOperator, name: str, *, batch_size: int = 128) -> Preconditioner:
+def preconditioner(op: HessianOperator, name: str) -> Preconditioner:
     """``name`` (ekfac | kfac | none) as a :class:`Preconditioner`, P = the Kronecker-factored GGN + (wd + λ)I; the
     factors come from the operator (made once, shared with the ``ekfac`` / ``kfac`` solvers)."""
     if name == "none":
         return Preconditioner(lambda V: V.clone(), lambda V: V.clone())
-    kc = op.kronecker(corrected=name == "ekfac", batch_size=batch_size)
+    kc = op.kronecker(corrected=name == "ekfac")
     return Preconditioner(lambda V: kc.solve(V, op.shift), lambda V: kc.inverse_sqrt(V, op.shift))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from ..hvp import HessianOperator
-from ..settings import to_dict
 from ..settings.influence import KroneckerSettings
 from .base import SolveReport, Solver
 
@@ -21,9 +20,9 @@ class KroneckerSolver(Solver):
         super().__init__(settings or KroneckerSettings())
 
     def curvature(self, op: HessianOperator):
-        kc = op.kronecker(corrected=self.corrected, **to_dict(self.settings))  # the settings are the fit's options
+        kc = op.kronecker(corrected=self.corrected, settings=self.settings)
         self.report = SolveReport(self.name, True, details={"approximation": self.name, "examples": kc.examples, "batch_size": kc.batch_size,
-                                                            "labels": kc.labels, "kronecker_layers": [layer.module for layer in kc.layers],
+                                                            "labels": kc.labels, "trace_tol": kc.trace_tol if kc.labels == "exact" else None, "kronecker_layers": [layer.module for layer in kc.layers],
                                                             "diagonal_parameters": list(kc.diagonal)})
         return kc
 
