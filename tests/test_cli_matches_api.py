@@ -25,6 +25,7 @@ def test_cache_then_explain_and_audit_reuse_one_store_and_match_the_api(shapes_r
                  "--out", str(tmp_path / "explain")]) == 0
     out = capsys.readouterr().out
     assert "reused (no gradient pass)" in out
+    assert "solve: ekfac: the Kronecker-factored approximation of the curvature from 400 examples, inverted exactly" in out
     assert len(list((tmp_path / "cache").glob("grads-*"))) == 1
 
     meta = load_checkpoint(ckpt).meta
@@ -42,6 +43,7 @@ def test_cache_then_explain_and_audit_reuse_one_store_and_match_the_api(shapes_r
                                    [-e["score"] / 400 for e in shown], rtol=1e-6)
         assert not any("leverage" in e for e in shown)  # ekfac (the default here): no Newton step, and the report says so
     assert "ekfac approximates it" in report["newton_step"]
+    assert "an approximation of H" in (tmp_path / "explain" / "index.html").read_text()
     assert report["settings"] == engine.describe()
 
     assert main(["audit", "--checkpoint", ckpt, *data, *cache, "--score", "self_influence", "loss",

@@ -264,6 +264,15 @@ def test_kronecker_fit_of_the_leading_factors_is_close_below_the_full_one(proble
         a, b = full.solve(V, damping), lead.solve(V, damping)
         assert float((a - b).norm() / a.norm()) < 0.05
     assert lead.uncorrected().trace_tol == 0.01
+    assert full.directions == 9 and 7 <= lead.directions <= 8  # backward passes per batch (7–8 measured)
+    again = KroneckerCurvature(fm, Objective(), trace_tol=0.01)
+    again.restore(lead.arrays())  # what the curvature cache keeps
+    assert again.directions == lead.directions
+    report = make_solver("ekfac")
+    op = HessianOperator(fm, Objective(), TensorSource(x, y), damping=0.1, curvature="ggn", batch_size=50)
+    report.curvature(op)
+    text = report.report.describe()
+    assert "approximation" in text and "200 examples" in text and "output directions per batch" in text
 
 
 def _fit(model: nn.Module, problem, **kwargs) -> KroneckerCurvature:

@@ -23,6 +23,7 @@ from .files import write_json
 from .audit.review import mark_text
 from .report.figures import Panel, panel_grid, to_display
 from .settings import to_dict
+from .solvers.base import SolveReport
 
 MAX_DRAWN = 20  # training images per row of a picture
 
@@ -154,6 +155,9 @@ def _html(report: dict[str, Any], out: Path) -> None:
              f"<p class='muted'>{html.esc(report['sign'])}. Solver {html.esc(report['settings']['solver'])}, "
              f"damping {report['damping_used']:.3g}" + (" (auto)" if report["settings"]["damping"] == "auto" else "") + ".</p>"]
     for r in report.get("solves", []):
+        if r["converged"] and "approximation" in r["details"]:
+            parts.append(f"<p class='muted'>{html.esc(SolveReport(**r).describe())}: an approximation of H, so the "
+                         "scores approximate the exact influence (BENCHMARKS.md measures how closely).</p>")
         if not r["converged"]:
             parts.append(f"<p class='bad'>Warning: the {html.esc(r['solver'])} solve did not converge ({html.esc(r['measure'])} "
                          f"{r['value']:.3g} above its tolerance {r['tolerance']:.3g}): the rankings are approximate.</p>")

@@ -242,6 +242,7 @@ class KroneckerCurvature:
     diagonal: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name → its diagonal estimate
     examples: int = 0
     batch_size: int = 0  # examples per batch the fit took
+    directions: float = 0.0  # output directions (backward passes) per batch of the factor pass, on average
 
     def __post_init__(self) -> None:
         self.layers = [_Layer(m.module, m.weight, m.bias, m.conv) for m in kronecker_modules(self.fm)]
@@ -393,6 +394,7 @@ class KroneckerCurvature:
         # labels="sampled": the draws of this fit's passes (:meth:`_passes`), the same for the same examples and batches
         self._generator = torch.Generator().manual_seed(self.seed)
         positions = {layer.module: 0.0 for layer in self.layers}
+        passes = 0
         # products in the model's dtype, sums of batches in float64
         A = {layer.module: 0.0 for layer in self.layers}
         S = {layer.module: 0.0 for layer in self.layers}
@@ -408,7 +410,9 @@ class KroneckerCurvature:
                     for n, g in zip(pair, norm_gradients(self._modules[name], inputs[name], d)):
                         self.diagonal[n] += g.double().pow(2).sum(0).cpu()
             self._diagonal_pass(x, factors)
+            passes += len(factors)
         self.examples, self.batch_size = len(indices), batch_size
+        self.directions = passes / max(1, len(batches))
         for layer in self.layers:
             count = positions[layer.module]
             layer.positions = count / self.examples
@@ -428,7 +432,8 @@ class KroneckerCurvature:
         """The fit as named arrays (what :mod:`trainfluence.store.curvature` keeps): per layer Q_A, Q_S, the
         eigenvalues (EK-FAC's or K-FAC's) and K-FAC's own, and T; the diagonal blocks; the examples and batch.  Not
         the factors A and S themselves, which nothing uses after their eigendecompositions."""
-        out = {"examples": np.array(self.examples), "batch_size": np.array(self.batch_size)}
+        out = {"examples": np.array(self.examples), "batch_size": np.array(self.batch_size),
+               "directions": np.array(self.directions)}
         for layer in self.layers:
             for name in ("QA", "QS", "eig", "kfac_eig"):
                 out[f"layer:{layer.module}:{name}"] = getattr(layer, name).numpy()
@@ -440,7 +445,7 @@ class KroneckerCurvature:
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         """Take a fit from :meth:`arrays` (of the same model and parameters); ValueError, with nothing changed, when
         the names, shapes or dtypes do not fit this model's layers or a value is not finite."""
-        want: dict[str, tuple[int, ...]] = {"examples": (), "batch_size": ()}
+        want: dict[str, tuple[int, ...]] = {"examples": (), "batch_size": (), "directions": ()}
         for layer in self.layers:
             w = self.fm.params[layer.weight]
             out, inp = w.shape[0], int(np.prod(w.shape[1:])) + (layer.bias is not None)
@@ -461,6 +466,7 @@ class KroneckerCurvature:
             layer.positions, layer.A, layer.S = float(arrays[key + "positions"]), None, None
         self.diagonal = {n: tensor[f"diagonal:{n}"] for n in self.diagonal}
         self.examples, self.batch_size = int(arrays["examples"]), int(arrays["batch_size"])
+        self.directions = float(arrays["directions"])
         self._whitened = None
 
     def uncorrected(self) -> "KroneckerCurvature":
@@ -472,6 +478,7 @@ class KroneckerCurvature:
                                    trace_tol=self.trace_tol)
         plain.layers = [replace(layer, eig=layer.kfac_eig) for layer in self.layers]
         plain.diagonal, plain.examples, plain.batch_size = self.diagonal, self.examples, self.batch_size
+        plain.directions = self.directions
         return plain
 
     def _correct(self, source: ExampleSource, batches: list[np.ndarray], progress: bool) -> None:

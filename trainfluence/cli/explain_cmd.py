@@ -7,6 +7,7 @@ import argparse
 from ..errors import UserError
 from ..settings import Range
 from ..settings.influence import InfluenceSettings, StoreSettings
+from ..solvers.base import SolveReport
 from .common import add_checkpoint_args, add_device_arg, add_out_arg, check_indices, load_checkpoint_and_data, prepare_out
 from .flags import alias, number, settings_from
 from .influence_args import add_influence_args, engine_from_args, solver_options
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.split} #{t['index']} ({t['label_name']}, predicted {t['prediction_name']} {t['probability']:.2f}):")
         print("  most helpful: " + ", ".join(f"#{e['index']} {e['label_name']} ({e['score']:.3g})" for e in item["helpful"][:5]))
         print("  most harmful: " + ", ".join(f"#{e['index']} {e['label_name']} ({e['score']:.3g})" for e in item["harmful"][:5]))
+    for solve in dict.fromkeys(SolveReport(**r).describe() for r in report["solves"]):  # once each, in order
+        print(f"solve: {solve}")
     store = engine.build_report
     print(f"gradient store{'s' if len(args.checkpoint) > 1 else ''} {store.store.root}: " +
           ("reused (no gradient pass)" if store.reused else f"built {store.built_chunks} chunk(s)"))

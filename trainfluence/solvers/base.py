@@ -31,6 +31,11 @@ class SolveReport:
     details: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
+        if self.converged and "approximation" in self.details:  # ekfac / kfac: no iterations, not the exact H
+            d = self.details
+            kept = d.get("output_directions_per_batch")
+            return (f"{self.solver}: the Kronecker-factored approximation of the curvature from {d['examples']:,} "
+                    f"examples, inverted exactly" + (f" ({kept:g} output directions per batch)" if kept else ""))
         if self.converged:
             what = f"{self.measure} {self.value:.3g}" if self.value is not None else "exact"
             return f"{self.solver} converged ({what}{f' after {self.steps} steps' if self.steps else ''})"
