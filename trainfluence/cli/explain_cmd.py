@@ -7,7 +7,6 @@ import argparse
 from ..errors import UserError
 from ..settings import Range
 from ..settings.influence import InfluenceSettings, StoreSettings
-from ..solvers.base import SolveReport
 from .common import add_checkpoint_args, add_device_arg, add_out_arg, check_indices, load_checkpoint_and_data, prepare_out
 from .flags import alias, number, settings_from
 from .influence_args import add_influence_args, engine_from_args, solver_options
@@ -41,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     settings_from(args, StoreSettings)
     from ..audit.review import default_review, label_marks
     from ..explain import explain
+    from ..solvers.base import SolveReport
 
     ckpt, train, test, device = load_checkpoint_and_data(args)
     data = test if args.split == "test" else train
