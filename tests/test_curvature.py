@@ -237,6 +237,22 @@ def test_leading_factors_keep_the_fewest_that_hold_the_trace():
     assert torch.equal(leading_factors(Objective(), f, 0.0), full)
 
 
+def test_kronecker_fit_over_many_spread_classes_says_sampled_labels_take_one_pass(capsys):
+    """With predictions spread over 20 classes the fit keeps all 19 directions (19 backward passes per batch) and
+    says so once, naming the option that takes one; with 3 classes it says nothing."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 12, dtype=torch.float64, generator=g)
+    for classes, said in ((20, True), (3, False)):
+        fm = FunctionalModel(nn.Linear(12, classes).double().eval(), "all")
+        with torch.no_grad():
+            fm.params["weight"].mul_(0.01)  # near-uniform predictions
+        kc = KroneckerCurvature(fm, Objective(), trace_tol=0.01).fit(
+            TensorSource(x, torch.randint(0, classes, (64,), generator=g)), np.arange(64), batch_size=32, progress=False)
+        err = capsys.readouterr().err
+        assert kc.directions == classes - 1
+        assert (err.count("--ekfac-labels sampled") == 1) if said else ("sampled" not in err)
+
+
 def test_kronecker_fit_of_the_leading_factors_is_close_below_the_full_one(problem):
     """trace_tol = 0.01 (the default) against the full K − 1 factors: the left-out curvature is positive
     semi-definite, so EK-FAC's trace (Σᵢ Σ_c ‖Gᵢ,c‖², whatever the basis) can only fall, and it falls by little;

@@ -46,7 +46,7 @@ from .gradients import DEFAULT_MEMORY_BUDGET, activation_numel
 from .layout import channels_last_copies, wants_channels_last
 from .linalg import symmetric_eigh
 from .objective import FunctionalModel, Objective
-from .progress import bar
+from .progress import bar, note
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,10 @@ class _Layer:
         if Z is None:  # one position: (Q_Sᵀδ)² ((Q_Aᵀa)²)ᵀ, no [B, out, in] tensor
             return u[:, 0].pow(2).T @ rotated[:, 0].pow(2)
         return Z.pow(2).sum(0)
+
+
+#: from this many backward passes per batch the fit says that sampled labels would take one
+MANY_DIRECTIONS = 16
 
 
 def leading_factors(objective: Objective, logits: torch.Tensor, trace_tol: float) -> torch.Tensor:
@@ -410,6 +414,10 @@ class KroneckerCurvature:
                     for n, g in zip(pair, norm_gradients(self._modules[name], inputs[name], d)):
                         self.diagonal[n] += g.double().pow(2).sum(0).cpu()
             self._diagonal_pass(x, factors)
+            if not passes and self.labels == "exact" and len(factors) >= MANY_DIRECTIONS:
+                note(f"the Kronecker fit takes {len(factors)} of the K − 1 = {factors.shape[-1] - 1} backward passes per "
+                     "batch (the predictions are spread over many classes); --ekfac-labels sampled (--kfac-labels, "
+                     "API labels='sampled') takes one per batch, a Monte Carlo estimate of the same curvature")
             passes += len(factors)
         self.examples, self.batch_size = len(indices), batch_size
         self.directions = passes / max(1, len(batches))
