@@ -219,7 +219,8 @@ class InfluenceEngine:
         return (f"influence: solver {chosen}, curvature {self.settings.curvature}, damping {damping}, parameters "
                 f"{self.store_settings.params} ({p:,}); gradient store {n:,} × {dim:,} "
                 f"({n * dim * bytes_per / 2**20:,.0f} MiB); a gradient pass over the training set ≈ {per_example * n:.0f} s"
-                + (f", the solver's factors ≈ {passes} such passes" if passes else "")
+                + (f", the solver's factors {passes} pass{'es' if passes > 1 else ''} of one forward and 1 to K − 1 "
+                   "backward passes per batch (fewer when the predictions are confident)" if passes else "")
                 + " (a store already built is reused)")
 
     def build_cache(self, *, shard: tuple[int, int] = (0, 1)) -> GradientStore:

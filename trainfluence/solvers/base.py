@@ -35,7 +35,7 @@ class SolveReport:
             d = self.details
             kept = d.get("output_directions_per_batch")
             return (f"{self.solver}: the Kronecker-factored approximation of the curvature from {d['examples']:,} "
-                    f"examples, inverted exactly" + (f" ({kept:g} output directions per batch)" if kept else ""))
+                    f"examples, inverted exactly" + (f" ({kept:g} output direction{'' if kept == 1 else 's'} per batch)" if kept else ""))
         if self.converged:
             what = f"{self.measure} {self.value:.3g}" if self.value is not None else "exact"
             return f"{self.solver} converged ({what}{f' after {self.steps} steps' if self.steps else ''})"

@@ -26,7 +26,7 @@ from ..progress import note
 if TYPE_CHECKING:
     from ..kfac import KroneckerCurvature
 
-FORMAT = 1  # raised whenever the arrays or what they mean change
+FORMAT = 2  # raised whenever the arrays or what they mean change (2: the fit's output directions per batch)
 
 
 class CurvatureCache:
