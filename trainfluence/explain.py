@@ -154,10 +154,12 @@ def _html(report: dict[str, Any], out: Path) -> None:
              f"<p class='muted'>{html.esc(report['magnitude'])} {html.esc(report['newton_step'])}</p>",
              f"<p class='muted'>{html.esc(report['sign'])}. Solver {html.esc(report['settings']['solver'])}, "
              f"damping {report['damping_used']:.3g}" + (" (auto)" if report["settings"]["damping"] == "auto" else "") + ".</p>"]
+    approximations = [SolveReport(**r).describe() for r in report.get("solves", [])
+                      if r["converged"] and "approximation" in r["details"]]
+    for text in dict.fromkeys(approximations):  # once each (an ensemble's members fit alike)
+        parts.append(f"<p class='muted'>{html.esc(text)}: an approximation of H, so the scores approximate the exact "
+                     "influence (BENCHMARKS.md measures how closely).</p>")
     for r in report.get("solves", []):
-        if r["converged"] and "approximation" in r["details"]:
-            parts.append(f"<p class='muted'>{html.esc(SolveReport(**r).describe())}: an approximation of H, so the "
-                         "scores approximate the exact influence (BENCHMARKS.md measures how closely).</p>")
         if not r["converged"]:
             parts.append(f"<p class='bad'>Warning: the {html.esc(r['solver'])} solve did not converge ({html.esc(r['measure'])} "
                          f"{r['value']:.3g} above its tolerance {r['tolerance']:.3g}): the rankings are approximate.</p>")

@@ -144,7 +144,8 @@ class HessianOperator:
         from .settings.influence import KroneckerSettings
 
         st = settings or KroneckerSettings()
-        fit = (st.samples, st.batch_size, st.seed, st.labels, st.trace_tol if st.labels == "exact" else None)
+        output = st.output_curvature()
+        fit = (st.samples, st.batch_size, st.seed, *output.values())
         key, ekfac = (corrected, *fit), (True, *fit)
         if key not in self._kronecker and ekfac in self._kronecker:  # K-FAC after EK-FAC (damping auto): its factors
             self._kronecker[key] = self._kronecker[ekfac].uncorrected()
@@ -160,9 +161,7 @@ class HessianOperator:
 
                 directory, base = self.curvature_cache
                 cache = CurvatureCache(directory, {**base, "corrected": corrected, "examples": fingerprint(idx),
-                                                   "batch_size": st.batch_size, "labels": st.labels,
-                                                   **({"label_seed": st.seed} if st.labels == "sampled" else
-                                                      {"trace_tol": st.trace_tol})})
+                                                   "batch_size": st.batch_size, **output})
             if cache is None or not cache.load(kc):
                 kc.fit(self.source, idx, batch_size=st.batch_size, memory_budget=self.memory_budget)
                 if cache is not None:

@@ -87,6 +87,13 @@ class KroneckerSettings:
                               Range(low=0, high=1, high_open=True))
 
 
+    def output_curvature(self) -> dict[str, object]:
+        """What decides how each example's output curvature enters the fit (part of the fit's identity): the labels,
+        and their seed when sampled or the trace tolerance when exact."""
+        return {"labels": self.labels, **({"label_seed": self.seed} if self.labels == "sampled" else
+                                          {"trace_tol": self.trace_tol})}
+
+
 @dataclass
 class LissaSettings:
     """``lissa``: the stochastic Neumann recursion (Koh & Liang; Agarwal et al.), preconditioned, with a growing

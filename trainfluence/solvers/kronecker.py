@@ -22,7 +22,7 @@ class KroneckerSolver(Solver):
     def curvature(self, op: HessianOperator):
         kc = op.kronecker(corrected=self.corrected, settings=self.settings)
         self.report = SolveReport(self.name, True, details={"approximation": self.name, "examples": kc.examples, "batch_size": kc.batch_size,
-                                                            "labels": kc.labels, "trace_tol": kc.trace_tol if kc.labels == "exact" else None,
+                                                            **self.settings.output_curvature(),
                                                             "output_directions_per_batch": round(kc.directions, 2), "kronecker_layers": [layer.module for layer in kc.layers],
                                                             "diagonal_parameters": list(kc.diagonal)})
         return kc
